@@ -12,7 +12,6 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --upgrade pip >/dev/null
 	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
 
