@@ -66,7 +66,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as e:
                 errors.append(e)
-        if len(errors) == 1:
+        # A mismatch deep inside one alternative (a list item, a nested key) is the more
+        # precise message; a mismatch of the value itself names the whole union.
+        if len(errors) == 1 and not str(errors[0]).startswith(f"{where}: expected"):
             raise errors[0]
         raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     if origin is Literal:
@@ -111,25 +113,33 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported config field type {tp!r} at {where}")
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "config") -> T:
-    """Build dataclass ``cls`` from ``data``; every key checked, nothing swallowed."""
+def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
+    """Build dataclass ``cls`` from ``data``; every key checked, nothing swallowed.
+
+    ``where`` is the dotted path of this section ("" for the top level), used in messages.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown key '{key}' in section '{where}'{_closest(str(key), list(fields))}")
+            section = f"section '{where}'" if where else "the top level"
+            raise ConfigError(f"unknown key '{key}' in {section}{_closest(str(key), list(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _convert(data[name], hints[name], f"{where}.{name}")
+            kwargs[name] = _convert(data[name], hints[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"missing required key '{where}.{name}' (expected {_type_name(hints[name])})")
+            raise ConfigError(f"missing required key '{_join(where, name)}' (expected {_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:  # __post_init__ semantic checks
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(f"{where or cls.__name__}: {e}") from e
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
 def to_dict(cfg: Any) -> Any:
@@ -178,4 +188,4 @@ def read_yaml(path: str | Path) -> dict:
 
 def replace(cfg: T, **changes: Any) -> T:
     """``dataclasses.replace`` that re-runs strict validation."""
-    return from_dict(type(cfg), {**to_dict(cfg), **{k: to_dict(v) for k, v in changes.items()}}, type(cfg).__name__)
+    return from_dict(type(cfg), {**to_dict(cfg), **{k: to_dict(v) for k, v in changes.items()}})

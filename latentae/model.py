@@ -96,16 +96,17 @@ class Attention(nn.Module):
     def forward(self, x):
         n, c, h, w = x.shape
         t = self.group_norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
-        q, k, v = self.to_q(t), self.to_k(t), self.to_v(t)
-        o = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
+        q, k, v = (m(t).view(n, -1, 1, c).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))  # [N, 1, HW, C]
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, c)
         return x + self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w)
 
 
 class MidBlock(nn.Module):
     def __init__(self, c: int, groups: int, attention: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
+        # Registration order follows diffusers so state_dict keys come out in the same order.
         self.attentions = nn.ModuleList([Attention(c, groups)]) if attention else None
+        self.resnets = nn.ModuleList([ResnetBlock(c, c, groups), ResnetBlock(c, c, groups)])
 
     def forward(self, x):
         x = self.resnets[0](x)
@@ -178,11 +179,11 @@ class Decoder(nn.Module):
         super().__init__()
         ch, g = tuple(reversed(cfg.block_out_channels)), cfg.norm_num_groups
         self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
-        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_attention)
         self.up_blocks = nn.ModuleList(
             Block(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, "up" if i < len(ch) - 1 else None)
             for i in range(len(ch))
         )
+        self.mid_block = MidBlock(ch[0], g, cfg.mid_block_attention)
         self.conv_norm_out = _norm(ch[-1], g)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 

@@ -18,4 +18,4 @@ class Config:
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config and apply ``section.key=value`` overrides, strictly."""
     raw = apply_overrides(read_yaml(path), overrides)
-    return from_dict(Config, raw, "config")
+    return from_dict(Config, raw)
