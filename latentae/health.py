@@ -1,0 +1,118 @@
+"""Latent health: per-channel statistics of a VAE's latents over a set of images.
+
+What a diffusion model trained on these latents will see, and whether every channel
+carries information:
+
+* ``mean`` / ``std`` per channel of the latents ``z ~ q(z|x)`` (posterior *samples*,
+  seeded, because that is what latent-diffusion training encodes; for a well-trained
+  VAE the posterior std is tiny and samples equal the mode to a few decimals);
+* ``kl_per_element``: KL(q(z|x) || N(0, 1)) in nats, averaged over every latent element
+  of the channel (all images, all positions): independent of the image size, so it is
+  the number to compare across runs and the one ``active`` uses;
+* ``kl_per_image``: the same KL summed over the channel's spatial positions, averaged
+  over images (nats per image; grows with the image area);
+* ``active``: a channel is *active* when ``kl_per_element > active_kl`` (default 0.01
+  nats). Below that its posterior is practically the prior N(0, 1): the decoder gets
+  (almost) no information through it (posterior collapse);
+* the normalisation factors a diffusion model would need, from all channels together:
+  ``shift_factor = mean(z)`` and ``scaling_factor = 1 / std(z)`` (SD3 / FLUX convention
+  ``(z - shift) * scale``), ``scaling_factor_no_shift = 1 / sqrt(mean(z^2))`` (SD 1.x /
+  SDXL convention ``z * scale`` without a shift: unit second moment), and per-channel
+  ``latents_mean`` / ``latents_std``.
+
+Everything accumulates in float64 sums, streaming: one ``update`` per batch, constant memory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from latentae.model import DiagonalGaussian
+
+DEFAULT_ACTIVE_KL = 0.01  # nats per latent element
+
+
+class LatentStats:
+    """Streaming per-channel latent statistics for one VAE (see the module docstring)."""
+
+    def __init__(self, channels: int):
+        if channels < 1:
+            raise ValueError(f"channels must be >= 1, got {channels}")
+        self.channels = channels
+        self.images = 0
+        z = lambda: torch.zeros(channels, dtype=torch.float64)  # noqa: E731
+        self.count, self.sum, self.sumsq = z(), z(), z()
+        self.kl_sum, self.post_std_sum = z(), z()
+
+    @torch.no_grad()
+    def update(self, posterior: DiagonalGaussian, z: torch.Tensor) -> None:
+        """Add a batch: its posterior and the latents drawn from it (``[N, C, h, w]``)."""
+        if z.ndim != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"expected latents [N, {self.channels}, h, w], got {tuple(z.shape)}")
+        dims = (0, 2, 3)
+        zd = z.detach().to("cpu", torch.float64)
+        self.images += z.shape[0]
+        self.count += z.shape[0] * z.shape[2] * z.shape[3]
+        self.sum += zd.sum(dims)
+        self.sumsq += zd.pow(2).sum(dims)
+        # KL in float32 from the posterior's own parameters (exact formula in model.py).
+        self.kl_sum += posterior.kl().detach().to("cpu", torch.float64).sum(dims)
+        self.post_std_sum += posterior.std.detach().to("cpu", torch.float64).sum(dims)
+
+    def result(
+        self,
+        active_kl: float = DEFAULT_ACTIVE_KL,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+    ) -> dict[str, Any]:
+        """The summary as plain Python numbers (JSON-ready). ``scaling_factor`` /
+        ``shift_factor``: the VAE's configured factors, to show how far they are off."""
+        if self.images == 0:
+            raise ValueError("no latents were added: cannot compute latent statistics of zero images")
+        n = self.count
+        mean = self.sum / n
+        var = (self.sumsq / n - mean**2).clamp_min(0.0)
+        kl_el = self.kl_sum / n
+        total = n.sum()
+        mean_all = (self.sum.sum() / total).item()
+        second = (self.sumsq.sum() / total).item()
+        std_all = math.sqrt(max(second - mean_all**2, 0.0))
+        active = [bool(k > active_kl) for k in kl_el.tolist()]
+        out: dict[str, Any] = {
+            "channels": self.channels,
+            "images": self.images,
+            "latent_elements_per_channel": int(n[0].item()),
+            "latents_from": "posterior samples (seeded)",
+            "mean": mean.tolist(),
+            "std": var.sqrt().tolist(),
+            "posterior_std_mean": (self.post_std_sum / n).tolist(),
+            "kl_per_element": kl_el.tolist(),
+            "kl_per_image": (self.kl_sum / self.images).tolist(),
+            "kl_per_element_all": (self.kl_sum.sum() / total).item(),
+            "active_kl_threshold": active_kl,
+            "active": active,
+            "active_channels": sum(active),
+            "suggested": {
+                "shift_factor": mean_all,
+                "scaling_factor": 1.0 / std_all if std_all > 0 else math.inf,
+                "scaling_factor_no_shift": 1.0 / math.sqrt(second) if second > 0 else math.inf,
+                "latents_mean": mean.tolist(),
+                "latents_std": var.sqrt().tolist(),
+            },
+        }
+        if scaling_factor is not None:
+            shift = shift_factor or 0.0
+            # std and mean of the *normalised* latents with the configured factors (ideal: 1 and 0).
+            out["configured"] = {
+                "scaling_factor": scaling_factor,
+                "shift_factor": shift_factor,
+                "normalised_mean": (mean_all - shift) * scaling_factor,
+                "normalised_std": std_all * abs(scaling_factor),
+            }
+        return out
+
+
+__all__ = ["LatentStats", "DEFAULT_ACTIVE_KL"]
