@@ -95,10 +95,13 @@ class Attention(nn.Module):
 
     def forward(self, x):
         n, c, h, w = x.shape
-        t = self.group_norm(x).flatten(2).transpose(1, 2)  # [N, HW, C]
+        # Normalising the [N, C, HW] view (not [N, C, H, W]) matches diffusers' kernel choice bit for bit.
+        t = self.group_norm(x.view(n, c, h * w)).transpose(1, 2)  # [N, HW, C]
         q, k, v = (m(t).view(n, -1, 1, c).transpose(1, 2) for m in (self.to_q, self.to_k, self.to_v))  # [N, 1, HW, C]
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, -1, c)
-        return x + self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w)
+        # (attention + residual), in this order: the sum takes the strides of the first
+        # operand, which decides the next GroupNorm's kernel; this keeps us equal to diffusers.
+        return self.to_out[0](o).transpose(1, 2).reshape(n, c, h, w) + x
 
 
 class MidBlock(nn.Module):
@@ -224,6 +227,9 @@ class AutoencoderKL(nn.Module):
         c = cfg.latent_channels
         self.quant_conv = nn.Conv2d(2 * c, 2 * c, 1) if cfg.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(c, c, 1) if cfg.use_post_quant_conv else None
+        # Set by latentae.fast.optimize_for_inference: the fast no-grad path. Not a
+        # submodule and owns no parameters, so state_dict() is the same either way.
+        self.inference = None
 
     def _check_size(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if x.ndim != 4 or x.shape[1] != self.config.in_channels:
@@ -240,6 +246,8 @@ class AutoencoderKL(nn.Module):
         return x, (h, w)
 
     def encode(self, images: torch.Tensor) -> DiagonalGaussian:
+        if self.inference is not None and not torch.is_grad_enabled():
+            return self.inference.encode(self, images)
         x, _ = self._check_size(images)
         moments = self.encoder(x)
         if self.quant_conv is not None:
@@ -247,6 +255,8 @@ class AutoencoderKL(nn.Module):
         return DiagonalGaussian(moments)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        if self.inference is not None and not torch.is_grad_enabled():
+            return self.inference.decode(self, latents)
         if self.post_quant_conv is not None:
             latents = self.post_quant_conv(latents)
         return self.decoder(latents)
