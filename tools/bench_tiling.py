@@ -44,7 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 from latentae.fast import PeakRSS  # noqa: E402
 from latentae.io import diffusers_config, load_vae  # noqa: E402
 from latentae.model import ModelConfig, build_vae  # noqa: E402
-from latentae.tiling import _windows, tiled_decode, tiled_encode  # noqa: E402
+from latentae.tiling import _windows, statistics_sample, tiled_decode, tiled_encode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PHOTOS = Path("/work/shared/data/photos")
@@ -134,6 +134,10 @@ def accuracy(args, vae, name) -> list[dict]:
                 post = vae.encode(x)
                 z = post.mean
                 ref = vae.decode(z)
+            t, k = statistics_sample(vae, "decode", tuple(z.shape), tile=args.tile, overlap=args.overlap,
+                                     stats_memory=args.stats_memory)
+            print(f"{img_name[:14]:14} {size:5} stats='sample' runs {k} of {t} tiles side by side"
+                  + (" (all: exact)" if k == t else ""))
             for mode in args.modes:
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -223,7 +227,7 @@ def main(argv=None):
                    choices=["exact", "sample", "proxy", "tile", "diffusers"])
     p.add_argument("--tile", type=int, default=64, help="latent px (the encoder gets x f)")
     p.add_argument("--overlap", type=int, default=16, help="latent px (the encoder gets x f)")
-    p.add_argument("--stats-memory", type=float, default=1.0, help="GiB for stats='sample' (0: no limit)")
+    p.add_argument("--stats-memory", type=float, default=1.5, help="GiB for stats='sample' (0: no limit)")
     p.add_argument("--no-encode", dest="encode", action="store_false", help="skip the tiled-encode comparison")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
