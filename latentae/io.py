@@ -403,9 +403,7 @@ def load_vae(
 def _finish(vae: AutoencoderKL, device, dtype, fast: bool) -> AutoencoderKL:
     vae = vae.to(device=device, dtype=dtype).eval()
     if fast:
-        try:
-            from latentae.fast import optimize_for_inference
-        except ImportError:  # fast paths are optional
-            return vae
+        from latentae.fast import optimize_for_inference  # lazy: keeps `import latentae.io` light
+
         vae = optimize_for_inference(vae)
     return vae
