@@ -128,7 +128,8 @@ def test_sampled_statistics_are_those_of_the_sampled_tiles(vae):
 
         def measure(m, x, silu):  # apply the sampled statistics, pool this crop's core
             (wh, ww), (xh, xw) = (12, 12), x.shape[-2:]
-            acc.setdefault(m, ChannelMoments()).add(x[:, :, r0 * xh // wh : r1 * xh // wh, c0 * xw // ww : c1 * xw // ww])
+            core = x[:, :, r0 * xh // wh : r1 * xh // wh, c0 * xw // ww : c1 * xw // ww]
+            acc.setdefault(m, ChannelMoments()).add(core)
             return tiling.apply_group_norm(m, x, *stats[m], silu)
 
         for r, c in picked:
@@ -162,7 +163,9 @@ def test_bf16_model(vae):
 # ----------------------------------------------------------------------------- pieces
 
 
-@pytest.mark.parametrize("size, tile, overlap, align", [(21, 12, 10, 1), (200, 96, 64, 8), (50, 16, 0, 1), (10, 12, 4, 1)])
+@pytest.mark.parametrize(
+    "size, tile, overlap, align", [(21, 12, 10, 1), (200, 96, 64, 8), (50, 16, 0, 1), (10, 12, 4, 1)]
+)
 def test_windows_partition_with_margins(size, tile, overlap, align):
     wins = _windows(size, tile, overlap, align)
     assert wins[0][2] == 0 and wins[-1][3] == size
@@ -207,7 +210,7 @@ def test_banded_latent_resolution_blocks_equal_plain(vae, small_bands):
 
 def test_statistics_batch_follows_the_memory_budget(vae):
     per_tile = tiling._decoder_tile_bytes(vae, 64, 1, 4)
-    assert per_tile == 4 * 32 * (64 * 8) ** 2 * 4  # the last level at 8x (32 ch in), 4 live tensors, fp32
+    assert per_tile == int(2.5 * 32 * (64 * 8) ** 2 * 4)  # the last level at 8x (32 ch in) x 2.5, fp32
     assert tiling._max_crops(None, 3 * per_tile, per_tile) == 3
     assert tiling._max_crops(None, None, per_tile) is None
     assert tiling._max_crops(7, 1, per_tile) == 7

@@ -14,8 +14,11 @@ f8c4 with the 1x1 quant convs, f8c16 without), operation, size and batch it prin
     FlopCounterMode), achieved GFLOP/s = that / time, and the percentage of a measured
     big-3x3-conv ceiling of this machine. Ours can pass 100 %: the sub-pixel upsampler
     does 2.25x less work than the plain algorithm that the count assumes;
-  * peak extra resident memory of one call, each measured in a fresh child process
-    (kernel high-water mark reset before the call; --no-memory skips it).
+  * peak extra resident memory of a call, measured in a fresh child process per
+    configuration (kernel high-water mark reset before the call; --no-memory skips
+    it): the second call, and for ours also the first, which builds the derived-weight
+    caches (Winograd and sub-pixel kernels, ~1.3x the weights, kept); with
+    --device cuda, torch's peak GPU allocation during the call instead.
 Weights are random (PyTorch default init, same as diffusers), seeded.
 """
 
@@ -79,6 +82,13 @@ def inputs(arch: str, op: str, size: int, batch: int, seed: int = 1) -> torch.Te
 
 def call(model, op: str, x: torch.Tensor, impl: str) -> torch.Tensor:
     """One encode/decode; returns the output(s) as one tensor (encode: mean and std stacked)."""
+    out = _call(model, op, x, impl)
+    if x.is_cuda:
+        torch.cuda.synchronize()  # time the work, not the launch
+    return out
+
+
+def _call(model, op: str, x: torch.Tensor, impl: str) -> torch.Tensor:
     if impl == "diffusers":
         if op == "decode":
             return model.decode(x).sample
@@ -95,6 +105,7 @@ def fast_config(args, **over) -> FastConfig:
         channels_last=not args.no_channels_last,
         channels_last_max_width=args.channels_last_max_width,
         subpixel_upsample=not args.no_subpixel,
+        compute_dtype=args.compute_dtype,
     )
     kw.update(over)
     return FastConfig(**kw)
@@ -107,12 +118,16 @@ def child_memory(args) -> None:
     ours, d = models(arch, fast_config(args), which=(impl,))
     model = ours if impl == "ours" else d
     x = inputs(arch, op, size, batch)
-    with torch.no_grad(), PeakRSS() as m:
+    with torch.no_grad(), PeakRSS() as first:
         call(model, op, x, impl)
-    print(json.dumps({"peak_bytes": m.peak_bytes, "exact": m.exact}))
+    with torch.no_grad(), PeakRSS() as steady:
+        call(model, op, x, impl)
+    print(json.dumps({"first": first.peak_bytes, "steady": steady.peak_bytes, "exact": first.exact}))
 
 
-def peak_memory(args, arch, op, size, batch, impl) -> tuple[float, bool]:
+def peak_memory(args, arch, op, size, batch, impl) -> tuple[float, float, bool]:
+    """(steady, first) peak extra MiB of a call in a fresh process: the first call also
+    builds ours' derived-weight caches (Winograd / sub-pixel kernels), kept afterwards."""
     cmd = [sys.executable, __file__, "--child-memory", arch, op, str(size), str(batch), impl]
     cmd += ["--threads", str(torch.get_num_threads())]
     if args.no_channels_last:
@@ -121,11 +136,23 @@ def peak_memory(args, arch, op, size, batch, impl) -> tuple[float, bool]:
         cmd.append("--no-subpixel")
     if args.channels_last_max_width is not None:
         cmd += ["--channels-last-max-width", str(args.channels_last_max_width)]
+    cmd += ["--compute-dtype", args.compute_dtype]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
-    return r["peak_bytes"] / 2**20, r["exact"]
+    return r["steady"] / 2**20, r["first"] / 2**20, r["exact"]
+
+
+def cuda_peak_memory(model, op, x, impl) -> tuple[float, bool]:
+    """GPU: peak allocated by torch during one call, above what was allocated before (MiB)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    with torch.no_grad():
+        call(model, op, x, impl)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    return peak, peak, True
 
 
 def load_average() -> str:
@@ -143,12 +170,15 @@ def main(argv=None):
     p.add_argument("--batch", nargs="+", type=int, default=[1, 4])
     p.add_argument("--repeats", type=int, default=5, help="timed calls per contender (after one warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's peak allocation)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-call peak memory children")
     p.add_argument("--bf16", action="store_true", help="also time ours with compute_dtype=bfloat16")
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile (inductor)")
     p.add_argument("--no-channels-last", action="store_true", help="fast path without NHWC (for A/B)")
     p.add_argument("--channels-last-max-width", type=int, default=None, help="NHWC only up to this width")
     p.add_argument("--no-subpixel", action="store_true", help="fast path without the sub-pixel upsampler")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="ours' compute dtype (auto: bf16 on CUDA for fp32 weights, else fp32)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--child-memory", nargs=5, metavar=("ARCH", "OP", "SIZE", "BATCH", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -160,46 +190,52 @@ def main(argv=None):
         if s % 8:
             p.error(f"--size {s} is not a multiple of 8")
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}")
-    peak0 = conv_peak_gflops()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {load_average()}, {args.device}")
+    dev = torch.device(args.device)
+    peak0 = conv_peak_gflops(device=args.device)
     print(f"conv ceiling (3x3, 512->512 ch, 64x64, best of NCHW/NHWC): {peak0:.0f} GFLOP/s")
     fast = fast_config(args)
     print(f"ours: {fast}")
     rows = []
     hdr = (
         f"{'arch':6} {'op':6} {'px':>4} {'b':>2} | {'ours/s':>7} {'diff/s':>7} {'ratio':>6} | {'max|d|':>8} | "
-        f"{'GFLOP':>6} {'ours GF/s':>9} {'diff GF/s':>9} {'%ceil o/d':>10} | {'MB ours':>8} {'MB diff':>8}"
+        f"{'GFLOP':>6} {'ours GF/s':>9} {'diff GF/s':>9} {'%ceil o/d':>10} | {'MB ours 2nd/1st':>15} {'MB diff':>8}"
     )
     print(hdr + "\n" + "-" * len(hdr))
     extras = []
     for arch in args.arch:
-        ours, d = models(arch, fast)
+        ours, d = (m.to(dev) for m in models(arch, fast))
         variants = {}
         if args.bf16:
             variants["ours-bf16"] = optimize_for_inference(
                 models(arch, fast, which=("ours",))[0], fast_config(args, compute_dtype="bfloat16")
             )
             variants["ours-bf16"].load_state_dict(d.state_dict())
+            variants["ours-bf16"].to(dev)
         if args.compile:
             variants["ours-compiled"] = optimize_for_inference(
                 models(arch, fast, which=("ours",))[0], fast_config(args, compile_backend="inductor")
             )
             variants["ours-compiled"].load_state_dict(d.state_dict())
+            variants["ours-compiled"].to(dev)
         for op in args.op:
             flops = conv_flops(ours, op, 256)  # per image at 256 px; scales with area
             for size in args.size:
                 gflop = flops * (size / 256) ** 2 / 1e9
                 for batch in args.batch:
-                    x = inputs(arch, op, size, batch)
+                    x = inputs(arch, op, size, batch).to(dev)
                     with torch.no_grad():
                         a, b = call(ours, op, x, "ours"), call(d, op, x, "diffusers")  # warm-up + outputs
                         diff = (a - b).abs().max().item()
-                        t = interleaved_medians(
-                            {"ours": lambda: call(ours, op, x, "ours"), "diffusers": lambda: call(d, op, x, "diffusers")},
-                            args.repeats,
-                        )
-                    mem = {"ours": (float("nan"), True), "diffusers": (float("nan"), True)}
-                    if not args.no_memory:
+                        contenders = {
+                            "ours": lambda: call(ours, op, x, "ours"),
+                            "diffusers": lambda: call(d, op, x, "diffusers"),
+                        }
+                        t = interleaved_medians(contenders, args.repeats)
+                    mem = {"ours": (float("nan"),) * 2 + (True,), "diffusers": (float("nan"),) * 2 + (True,)}
+                    if not args.no_memory and dev.type == "cuda":
+                        mem = {k: cuda_peak_memory(m, op, x, k) for k, m in (("ours", ours), ("diffusers", d))}
+                    elif not args.no_memory:
                         mem = {k: peak_memory(args, arch, op, size, batch, k) for k in mem}
                     ips = {k: batch / v for k, v in t.items()}
                     gfs = {k: gflop * batch / v for k, v in t.items()}
@@ -208,14 +244,16 @@ def main(argv=None):
                         speedup=t["diffusers"] / t["ours"], max_abs_diff=diff, gflop_per_image=gflop,
                         ours_gflops=gfs["ours"], diffusers_gflops=gfs["diffusers"], conv_ceiling_gflops=peak0,
                         ours_peak_mb=mem["ours"][0], diffusers_peak_mb=mem["diffusers"][0],
-                        memory_exact=mem["ours"][1] and mem["diffusers"][1], load=load_average(),
+                        ours_first_call_peak_mb=mem["ours"][1], diffusers_first_call_peak_mb=mem["diffusers"][1],
+                        memory_exact=mem["ours"][2] and mem["diffusers"][2], load=load_average(),
                     )
                     rows.append(row)
                     print(
                         f"{arch:6} {op:6} {size:4} {batch:2} | {ips['ours']:7.3f} {ips['diffusers']:7.3f} "
-                        f"{row['speedup']:5.2f}x | {diff:8.1e} | {gflop:6.0f} {gfs['ours']:9.0f} {gfs['diffusers']:9.0f} "
+                        f"{row['speedup']:5.2f}x | {diff:8.1e} | "
+                        f"{gflop:6.0f} {gfs['ours']:9.0f} {gfs['diffusers']:9.0f} "
                         f"{100 * gfs['ours'] / peak0:4.0f}/{100 * gfs['diffusers'] / peak0:<4.0f}% | "
-                        f"{mem['ours'][0]:8.0f} {mem['diffusers'][0]:8.0f}",
+                        f"{mem['ours'][0]:6.0f}/{mem['ours'][1]:<6.0f} {mem['diffusers'][0]:8.0f}",
                         flush=True,
                     )
                     for name, m in variants.items():
@@ -223,10 +261,11 @@ def main(argv=None):
                             t0 = time.perf_counter()
                             v = call(m, op, x, "ours")  # first call: includes compiling
                             first = time.perf_counter() - t0
-                            tv = interleaved_medians(
-                                {name: lambda: call(m, op, x, "ours"), "diffusers": lambda: call(d, op, x, "diffusers")},
-                                args.repeats,
-                            )
+                            contenders = {
+                                name: lambda: call(m, op, x, "ours"),
+                                "diffusers": lambda: call(d, op, x, "diffusers"),
+                            }
+                            tv = interleaved_medians(contenders, args.repeats)
                         vdiff = (v.float() - b).abs().max().item()
                         extras.append(
                             f"  {name:14} {arch} {op} {size}px b{batch}: {batch / tv[name]:.3f} img/s, "
@@ -238,10 +277,11 @@ def main(argv=None):
                                          ips=batch / tv[name], speedup=tv["diffusers"] / tv[name],
                                          max_abs_diff=vdiff, first_call_s=first))
         del ours, d, variants
-    peak1 = conv_peak_gflops()
+    peak1 = conv_peak_gflops(device=args.device)
     print(f"conv ceiling again at the end: {peak1:.0f} GFLOP/s; load average {load_average()}")
     if not args.no_memory:
-        print("memory: peak extra RSS of one call in a fresh process" +
+        print("memory: peak extra RSS of a call in a fresh process (ours: 2nd call / 1st call, which also builds the "
+              "derived-weight caches that stay; diffusers: 2nd call)" +
               ("" if all(r.get("memory_exact", True) for r in rows) else " (LOWER BOUND: hwm reset refused)"))
     if args.json:
         args.json.write_text(json.dumps({"conv_ceiling_gflops": [peak0, peak1], "rows": rows}, indent=1))

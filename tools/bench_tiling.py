@@ -159,7 +159,9 @@ def accuracy(args, vae, name) -> list[dict]:
                     rng = (z.max() - z.min()).item()
                     row["encode_psnr"] = psnr(m, z, rng)
                 rows.append(row)
-                enc = f"  encode PSNR {row['encode_psnr']:6.1f} ({row['encode_seconds']:.1f}s)" if "encode_psnr" in row else ""
+                enc = ""
+                if "encode_psnr" in row:
+                    enc = f"  encode PSNR {row['encode_psnr']:6.1f} ({row['encode_seconds']:.1f}s)"
                 print(f"{img_name[:14]:14} {size:5} {mode:9} PSNR {row['psnr']:6.1f} dB  max|d| {row['max_abs']:.1e}  "
                       f"tone {tone:5.2f}  seam {seam:5.2f}  {dt:6.1f}s{enc}", flush=True)
     print(f"\nmedian over images ({name}, tile {args.tile}, overlap {args.overlap} latent px):")
@@ -186,7 +188,8 @@ def child_memory(args) -> None:
             vae.decode(z)
         else:
             tiled_decode(vae, z, tile=args.tile, overlap=args.overlap, stats=mode, stats_memory=args.stats_memory)
-    print(json.dumps({"extra": m.peak_bytes, "total": m.peak_total_bytes, "exact": m.exact, "seconds": time.perf_counter() - t0}))
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"extra": m.peak_bytes, "total": m.peak_total_bytes, "exact": m.exact, "seconds": seconds}))
 
 
 def memory(args, name) -> list[dict]:
@@ -203,7 +206,8 @@ def memory(args, name) -> list[dict]:
                 cmd += ["--vae", args.vae]
             out = subprocess.run(cmd, capture_output=True, text=True)
             if out.returncode != 0:
-                print(f"  {size:5} {mode:9} FAILED: {out.stderr.strip().splitlines()[-1] if out.stderr else out.returncode}")
+                why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+                print(f"  {size:5} {mode:9} FAILED: {why}")
                 continue
             r = json.loads(out.stdout.strip().splitlines()[-1])
             res[mode] = r
@@ -213,7 +217,8 @@ def memory(args, name) -> list[dict]:
         if "untiled" in res:
             for mode in args.memory_modes:
                 if mode in res:
-                    print(f"  {size:5} {mode:9} extra = {100 * res[mode]['extra'] / res['untiled']['extra']:.0f}% of untiled")
+                    pct = 100 * res[mode]["extra"] / res["untiled"]["extra"]
+                    print(f"  {size:5} {mode:9} extra = {pct:.0f}% of untiled")
     return rows
 
 
@@ -227,7 +232,7 @@ def main(argv=None):
                    choices=["exact", "sample", "proxy", "tile", "diffusers"])
     p.add_argument("--tile", type=int, default=64, help="latent px (the encoder gets x f)")
     p.add_argument("--overlap", type=int, default=16, help="latent px (the encoder gets x f)")
-    p.add_argument("--stats-memory", type=float, default=1.5, help="GiB for stats='sample' (0: no limit)")
+    p.add_argument("--stats-memory", type=float, default=2.0, help="GiB for stats='sample' (0: no limit)")
     p.add_argument("--no-encode", dest="encode", action="store_false", help="skip the tiled-encode comparison")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--memory-only", action="store_true")
