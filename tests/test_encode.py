@@ -513,3 +513,30 @@ def test_two_processes_split_disjointly_and_rerun_with_other_count(tmp_path, vae
     res = run_encode(vae_path, tmp_path / "data", out, size=32, shard_size=3, batch_size=2)
     assert res.parts_written == 3 and res.parts_done_before == 5
     assert _indices(out) == list(range(n))
+
+
+# ----------------------------------------------------------------------------- worker priority
+
+
+def test_decoding_workers_run_at_lower_priority(tmp_path, vae_file, monkeypatch):
+    """The worker_init_fn really lowers the worker's priority, and only the worker's."""
+    import latentae.encode as enc
+
+    load, marker = enc._load, tmp_path / "nice.txt"
+
+    def spy(*args, **kw):  # runs in the forked worker: report its niceness through a file
+        with open(marker, "a") as f:
+            f.write(f"{os.nice(0)}\n")
+        return load(*args, **kw)
+
+    monkeypatch.setattr(enc, "_load", spy)
+    data = tmp_path / "images"
+    make_images(data, 3)
+    base = os.nice(0)
+    r = run_encode(vae_file[0], data, tmp_path / "out", size=32, num_workers=1, worker_nice=7)
+    assert r.num_encoded == 3
+    assert 0 < r.first_batch_seconds <= r.pipeline_seconds <= r.seconds
+    assert [int(v) for v in marker.read_text().split()] == [min(base + 7, 19)] * 3
+    assert os.nice(0) == base  # the encoding process itself kept its priority
+    with pytest.raises(ValueError, match=r"worker_nice must be in \[0, 19\], got 25"):
+        EncodeConfig(worker_nice=25)
