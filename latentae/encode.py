@@ -93,11 +93,11 @@ class EncodeConfig:
     shard_size: int = 1000  # inputs per output shard (a part)
     batch_size: int = 16
     num_workers: int = 2  # DataLoader workers decoding images, per process
-    # Niceness added to the decoding workers. On CPU the model's intra-op threads meet at a
-    # barrier after every op: a worker that preempts one of them stalls all of them. At a
-    # lower priority the workers run in those waits instead (measured on 2 cores, tiny VAE:
-    # end-to-end 37 -> 41 img/s, model-only 42). 0 = same priority as the model.
-    worker_nice: int = 10
+    # Niceness added to the decoding workers, so that on a CPU they yield to the model's
+    # intra-op threads (which all wait at an op's barrier when one is preempted). Measured on
+    # 2 idle cores, tiny VAE, interleaved A/B: no difference (33.4 vs 33.2 img/s), so off by
+    # default; tools/bench_encode.py --worker-nice 10 0 measures it on your machine.
+    worker_nice: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # the VAE's compute dtype
     tile: int | None = None  # encode images larger than this (px) in tiles
     tile_overlap: int = 128

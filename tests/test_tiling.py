@@ -239,3 +239,20 @@ def test_statistics_sample_reports_the_batch(vae):
     assert tiling.statistics_sample(vae, "decode", (1, 4, 21, 26), tile=12, overlap=10, stats_crops=2) == (tiles, 2)
     t, k = tiling.statistics_sample(vae, "encode", (1, 3, 133, 197), tile=96, overlap=64, stats_memory=1)
     assert k == 1 and t > 1
+
+
+def test_slow_exact_path_warns_and_the_one_pass_path_does_not(vae):
+    """When the tiles don't fit the statistics budget, 'exact' says it will take a pass per
+    norm layer and how to avoid it; when they fit (and for 'sample') it stays quiet."""
+    import warnings
+
+    z = latents(n=1)
+    with pytest.warns(RuntimeWarning, match=r"tiled decode: the \d+ tiles would need .* one pass per group-norm"):
+        slow = tiled_decode(vae, z, stats="exact", stats_crops=1, **DEC)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fast = tiled_decode(vae, z, stats="exact", stats_memory=None, **DEC)  # all tiles: one pass
+        tiled_decode(vae, z, stats="sample", stats_crops=1, **DEC)
+    torch.testing.assert_close(slow, fast, atol=1e-4, rtol=0)  # both exact
+    with pytest.warns(RuntimeWarning, match=r"tiled encode: the \d+ tiles"):
+        tiled_encode(vae, images(n=1), stats="exact", stats_crops=1, **ENC)

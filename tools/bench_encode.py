@@ -97,8 +97,9 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=1, help="decoding workers (default 1)")
-    p.add_argument("--worker-nice", type=int, default=EncodeConfig.worker_nice,
-                   help="niceness of the decoding workers (tools/encode.py's default; 0 for the A/B)")
+    p.add_argument("--worker-nice", type=int, nargs="+", default=[EncodeConfig.worker_nice],
+                   help="niceness of the decoding workers (default: tools/encode.py's); several values "
+                        "(e.g. 10 0) are run interleaved in each repeat, an A/B in one run")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs (median reported)")
@@ -118,13 +119,12 @@ def main(argv=None) -> int:
         files, where = gather_images(a.images, a.num_images, tmp / "images")
         vae = load_vae(vae_path)
         print(f"VAE {what}; {len(files)} images from {where}; {a.size}px resize+crop, batch {a.batch_size}, "
-              f"{a.num_workers} decoding workers (nice +{a.worker_nice}), {torch.get_num_threads()} torch threads, "
+              f"{a.num_workers} decoding workers (nice {a.worker_nice}), {torch.get_num_threads()} torch threads, "
               f"{os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f} at start, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
 
         ecfg = EncodeConfig(vae=str(vae_path), data=str(tmp / "images"), out="", size=a.size,
-                            batch_size=a.batch_size, num_workers=a.num_workers, worker_nice=a.worker_nice,
-                            shard_size=a.shard_size, threads=a.threads)
+                            batch_size=a.batch_size, num_workers=a.num_workers, shard_size=a.shard_size, threads=a.threads)
         tensors = []
         for f in files[: a.batch_size]:
             data = f.read_bytes()
@@ -133,24 +133,29 @@ def main(argv=None) -> int:
             tensors.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
         batch = torch.stack(tensors)
 
-        # Interleaved (model, e2e, model, e2e, ..., model) so drifting machine load hits both alike.
-        models, e2e, total, first = [model_only(vae, batch, len(files))], [], [], []
+        # Interleaved (model, e2e, model, e2e, ..., model) so drifting machine load hits both alike;
+        # with several --worker-nice values each repeat runs them all, in rotating order.
+        models = [model_only(vae, batch, len(files))]
+        e2e, total, first = ({n: [] for n in a.worker_nice} for _ in range(3))
         for r in range(a.repeats):
-            out = tmp / f"out{r}"
-            res = encode_dataset(replace(ecfg, out=str(out)), progress=False)
-            assert res.num_encoded == len(files), res
-            e2e.append(res.num_encoded / res.pipeline_seconds)
-            total.append(res.num_encoded / res.seconds)
-            first.append(res.first_batch_seconds)
+            for j in range(len(a.worker_nice)):
+                nice = a.worker_nice[(r + j) % len(a.worker_nice)]
+                out = tmp / f"out{r}-{nice}"
+                res = encode_dataset(replace(ecfg, out=str(out), worker_nice=nice), progress=False)
+                assert res.num_encoded == len(files), res
+                e2e[nice].append(res.num_encoded / res.pipeline_seconds)
+                total[nice].append(res.num_encoded / res.seconds)
+                first[nice].append(res.first_batch_seconds)
             models.append(model_only(vae, batch, len(files)))
 
-    model, pipe = statistics.median(models), statistics.median(e2e)
+    model = statistics.median(models)
     print(f"model-only   {model:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in models)}")
-    print(f"end-to-end   {pipe:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in e2e)}; "
-          f"counting VAE load + listing: {statistics.median(total):.2f} img/s")
-    print(f"first batch after {statistics.median(first):.2f} s (worker start-up + decoding one batch; "
-          f"included in end-to-end)")
-    print(f"ratio end-to-end / model-only = {pipe / model:.3f}  (target >= 0.9)")
+    for nice in a.worker_nice:
+        pipe = statistics.median(e2e[nice])
+        print(f"end-to-end   {pipe:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in e2e[nice])} "
+              f"(workers at nice +{nice}); counting VAE load + listing: {statistics.median(total[nice]):.2f} img/s; "
+              f"first batch after {statistics.median(first[nice]):.2f} s (included)")
+        print(f"ratio end-to-end / model-only = {pipe / model:.3f}  (target >= 0.9)  [nice +{nice}]")
     return 0
 
 

@@ -55,8 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="image decoding workers per process")
     p.add_argument("--worker-nice", type=int, default=d.worker_nice,
-                   help="niceness added to the decoding workers (default 10: on CPU they then run while the "
-                        "model's threads wait instead of preempting them; 0 = same priority)")
+                   help="niceness added to the decoding workers, so that on CPU they yield to the model's "
+                        "threads (default 0; tools/bench_encode.py --worker-nice 10 0 measures the effect)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=d.precision, help="VAE compute dtype")
     p.add_argument("--tile", type=int, default=None, help="tile-encode images larger than this many pixels")
     p.add_argument("--tile-overlap", type=int, default=d.tile_overlap)
