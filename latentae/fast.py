@@ -577,7 +577,8 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         polled = max(self._polled, _status_kb("VmRSS") * 1024)
-        total = max(polled, _maxrss_bytes() if _maxrss_bytes() > self.start_max else 0)
+        maxrss = _maxrss_bytes()  # counts only if it grew inside the block
+        total = max(polled, maxrss if maxrss > self.start_max else 0)
         if self.exact:
             hwm = _status_kb("VmHWM") * 1024
             total = max(total, hwm if hwm >= self.start else 0)

@@ -456,7 +456,7 @@ def _tile_pass(
     norm: NormFnLike | None = None  # "tile": each tile's own statistics
     if plan.stats in ("exact", "sample"):
         # All tiles side by side when they fit: exact statistics and final outputs at once.
-        everything = plan.stats_crops is None or plan.stats_crops >= _count_tiles(src, plan)
+        everything = _all_tiles_fit(src, plan)
         if plan.stats == "sample" or everything:
             stats, pieces = lockstep(src, run, plan.tile, plan.overlap, plan.align, plan.stats_crops)
             if pieces is not None:
@@ -474,17 +474,34 @@ def _tile_pass(
     tiles(lambda t: run(norm, t), write, scale_out)
 
 
-def _warn_if_progressive(op: str, src: torch.Tensor, plan: _Plan, tile_bytes: int) -> None:
-    n = _count_tiles(src, plan)
-    if plan.stats == "exact" and plan.stats_crops is not None and plan.stats_crops < n:
+def _make_plan(op: str, src: torch.Tensor, tile: int, overlap: int, align: int, stats: str, stats_crops: int | None,
+               stats_memory: int | None, tile_bytes: int, proxy_size: int) -> _Plan:
+    """The plan for ``src``; warns when "exact" will need the slow pass-per-layer path."""
+    plan = _Plan(tile, overlap, align, stats, _max_crops(stats_crops, stats_memory, tile_bytes), proxy_size)
+    if plan.stats == "exact" and not _all_tiles_fit(src, plan):
+        n = _count_tiles(src, plan)
         warnings.warn(
             f"tiled {op}: the {n} tiles would need ~{n * tile_bytes / 2**30:.1f} GiB side by side, more than "
             f"stats_memory allows ({plan.stats_crops} tiles); exact statistics now take one pass per group-norm "
             "layer (~10x the work for SD-size models). Raise stats_memory for one exact pass, or use "
             "stats='sample' (an estimate) or 'proxy' for speed.",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of tiled_decode / tiled_encode
         )
+    return plan
+
+
+def _with_fp32_retry(op: str, run: Callable[[torch.dtype], torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``run(dtype)``; in half precision a non-finite result is computed again in float32."""
+    out = run(dtype)
+    if dtype != torch.float32 and not bool(torch.isfinite(out).all()):
+        warnings.warn(f"tiled {op} in {dtype} gave inf/nan; repeating it in float32", RuntimeWarning, stacklevel=4)
+        out = run(torch.float32)
+    return out
+
+
+def _all_tiles_fit(src: torch.Tensor, plan: _Plan) -> bool:
+    return plan.stats_crops is None or plan.stats_crops >= _count_tiles(src, plan)
 
 
 def _count_tiles(src: torch.Tensor, plan: _Plan) -> int:
@@ -587,12 +604,8 @@ def tiled_decode(
     engine = _engine(vae)
     dtype = engine.compute_dtype(vae)
     tile_bytes = _decoder_tile_bytes(vae, tile, latents.shape[0], torch.empty((), dtype=dtype).element_size())
-    plan = _Plan(tile, overlap, 1, stats, _max_crops(stats_crops, stats_memory, tile_bytes), proxy_size)
-    _warn_if_progressive("decode", latents, plan, tile_bytes)
-    out = _decode_tiles(vae, engine, latents, dtype, plan)
-    if dtype != torch.float32 and not bool(torch.isfinite(out).all()):
-        warnings.warn(f"tiled decode in {dtype} gave inf/nan; repeating it in float32", RuntimeWarning, stacklevel=2)
-        out = _decode_tiles(vae, engine, latents, torch.float32, plan)
+    plan = _make_plan("decode", latents, tile, overlap, 1, stats, stats_crops, stats_memory, tile_bytes, proxy_size)
+    out = _with_fp32_retry("decode", lambda dt: _decode_tiles(vae, engine, latents, dt, plan), dtype)
     return out.to(dec.conv_in.weight.dtype)
 
 
@@ -662,12 +675,8 @@ def tiled_encode(
     engine = _engine(vae)
     dtype = engine.compute_dtype(vae)
     tile_bytes = _encoder_tile_bytes(vae, tile, x.shape[0], torch.empty((), dtype=dtype).element_size())
-    plan = _Plan(tile, overlap, f, stats, _max_crops(stats_crops, stats_memory, tile_bytes), proxy_size)
-    _warn_if_progressive("encode", x, plan, tile_bytes)
-    moments = _encode_tiles(vae, engine, x, dtype, plan)
-    if dtype != torch.float32 and not bool(torch.isfinite(moments).all()):
-        warnings.warn(f"tiled encode in {dtype} gave inf/nan; repeating it in float32", RuntimeWarning, stacklevel=2)
-        moments = _encode_tiles(vae, engine, x, torch.float32, plan)
+    plan = _make_plan("encode", x, tile, overlap, f, stats, stats_crops, stats_memory, tile_bytes, proxy_size)
+    moments = _with_fp32_retry("encode", lambda dt: _encode_tiles(vae, engine, x, dt, plan), dtype)
     return DiagonalGaussian(moments.to(enc.conv_in.weight.dtype))
 
 

@@ -256,3 +256,24 @@ def test_slow_exact_path_warns_and_the_one_pass_path_does_not(vae):
     torch.testing.assert_close(slow, fast, atol=1e-4, rtol=0)  # both exact
     with pytest.warns(RuntimeWarning, match=r"tiled encode: the \d+ tiles"):
         tiled_encode(vae, images(n=1), stats="exact", stats_crops=1, **ENC)
+
+
+@pytest.mark.parametrize("op", ["decode", "encode"])
+def test_half_precision_nonfinite_result_is_recomputed_in_float32(vae, monkeypatch, op):
+    half = copy.deepcopy(vae).to(torch.bfloat16)
+    name = f"_{op}_tiles"
+    real, dtypes = getattr(tiling, name), []
+
+    def poisoned(model, engine, src, dtype, plan):  # bf16 "overflows"; float32 is the real thing
+        dtypes.append(dtype)
+        out = real(model, engine, src, dtype, plan)
+        return out if dtype == torch.float32 else torch.full_like(out, float("nan"))
+
+    monkeypatch.setattr(tiling, name, poisoned)
+    with pytest.warns(RuntimeWarning, match=rf"tiled {op} in torch.bfloat16 gave inf/nan; repeating it in float32"):
+        if op == "decode":
+            out = tiled_decode(half, latents(n=1).bfloat16(), stats_memory=None, **DEC)
+        else:
+            out = tiled_encode(half, images(n=1).bfloat16(), stats_memory=None, **ENC).mean
+    assert dtypes == [torch.bfloat16, torch.float32]
+    assert out.dtype == torch.bfloat16 and bool(torch.isfinite(out).all())
