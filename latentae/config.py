@@ -138,6 +138,16 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {e}") from e
 
 
+def check_types(cfg: Any) -> None:
+    """For configs built in code (not from YAML): every field's value matches its
+    annotation (a Literal choice, int not str, ...), else ConfigError naming the field.
+    Call from ``__post_init__``."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in dataclasses.fields(cfg):
+        if not dataclasses.is_dataclass(hints[f.name]):
+            _convert(getattr(cfg, f.name), hints[f.name], f.name)
+
+
 def _join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
 

@@ -97,6 +97,15 @@ def decode_image(data: bytes | str | Path, name: str, *, min_side: int | None = 
 
     Raises :class:`BadImage` for empty, truncated, corrupt or non-image data.
     """
+    return decode_image_and_size(data, name, min_side=min_side)[0]
+
+
+def decode_image_and_size(
+    data: bytes | str | Path, name: str, *, min_side: int | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image`, plus the image's full (width, height) after EXIF rotation,
+    which differs from the returned image's size when a reduced JPEG draft was decoded.
+    One parse of the header serves both (reading the size apart costs a second one)."""
     if isinstance(data, (str, Path)):
         try:
             data = Path(data).read_bytes()
@@ -110,14 +119,17 @@ def decode_image(data: bytes | str | Path, name: str, *, min_side: int | None = 
             # workers, the image is used. Above that PIL raises and we skip the sample.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
+            full = img.size
             if min_side is not None and img.format == "JPEG":
                 # draft() keeps both sides >= the request, so the shorter side >= min_side.
                 img.draft(None, (min_side, min_side))
             img.load()  # forces the full decode: truncated data raises here
             if img.width < 1 or img.height < 1:
                 raise BadImage(name, f"image has no pixels ({img.width}x{img.height})")
+            if img.getexif().get(_ORIENTATION, 1) in _TRANSPOSING:
+                full = (full[1], full[0])
             img = ImageOps.exif_transpose(img)  # no-op without an orientation tag
-            return _to_rgb(img, name)
+            return _to_rgb(img, name), full
     except BadImage:
         raise
     except UnidentifiedImageError as e:
@@ -131,15 +143,19 @@ def decode_image(data: bytes | str | Path, name: str, *, min_side: int | None = 
         raise BadImage(name, f"corrupt or truncated image: {reason}") from e
 
 
+_ORIENTATION = 0x0112  # EXIF tag
+_TRANSPOSING = (5, 6, 7, 8)  # orientations that swap width and height
+
+
 def image_size(data: bytes | str | Path, name: str) -> tuple[int, int]:
     """(width, height) from the header only, after EXIF rotation; raises BadImage."""
     try:
         with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
             w, h = img.size
-            orientation = img.getexif().get(0x0112, 1)
+            orientation = img.getexif().get(_ORIENTATION, 1)
     except Exception as e:  # noqa: BLE001 - any header failure means "not usable"
         raise BadImage(name, f"cannot read image header: {e}") from e
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w) if orientation in _TRANSPOSING else (w, h)
 
 
 # ----------------------------------------------------------------------------- sources

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from latentae.imageio import decode_image_and_size, image_size
 from latentae.data import (
     IMAGE_EXTENSIONS,
     BadImage,
@@ -176,6 +177,20 @@ def test_decode_from_path_and_exif_orientation(tmp_path):
     assert out.size == (10, 20)  # displayed upright: portrait
     a = np.asarray(out).astype(int)
     assert a[2, 5].min() > 200 and a[17, 5].max() < 50  # the white half is now on top
+
+
+def test_decode_image_and_size_reports_full_rotated_size():
+    """A reduced JPEG draft of an EXIF-rotated photo: the image is upright and reduced,
+    the size is the full upright size (what preprocessing geometry and metadata use)."""
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, displayed portrait
+    buf = io.BytesIO()
+    noise(0, 200, 300).save(buf, "JPEG", exif=exif, quality=90)
+    img, full = decode_image_and_size(buf.getvalue(), "x", min_side=40)
+    assert img.size == (50, 75) and full == (200, 300)
+    assert full == image_size(buf.getvalue(), "x")
+    img, full = decode_image_and_size(encode(noise(0, 200, 300), "PNG"), "x", min_side=40)
+    assert img.size == full == (300, 200)  # not a JPEG: no draft
 
 
 def test_decode_min_side_keeps_shorter_side():

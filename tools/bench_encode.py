@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from latentae.encode import EncodeConfig, encode_dataset, preprocess  # noqa: E402
-from latentae.imageio import decode_image, image_size, list_images  # noqa: E402
+from latentae.imageio import decode_image_and_size, list_images  # noqa: E402
 from latentae.io import load_vae, save_vae_safetensors  # noqa: E402
 from latentae.model import build_vae  # noqa: E402
 from latentae.recipe import load_config  # noqa: E402
@@ -97,9 +97,10 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--num-workers", type=int, default=1, help="decoding workers (default 1)")
-    p.add_argument("--worker-nice", type=int, nargs="+", default=[EncodeConfig.worker_nice],
-                   help="niceness of the decoding workers (default: tools/encode.py's); several values "
-                        "(e.g. 10 0) are run interleaved in each repeat, an A/B in one run")
+    p.add_argument("--worker-priority", nargs="+", default=[EncodeConfig.worker_priority],
+                   choices=["auto", "normal", "low", "idle"],
+                   help="scheduling of the decoding workers (default: tools/encode.py's, auto = idle on CPU); "
+                        "several values (e.g. idle normal) are run interleaved in each repeat, an A/B in one run")
     p.add_argument("--threads", type=int, default=None, help="torch threads for the model (default: torch's)")
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs (median reported)")
@@ -119,7 +120,7 @@ def main(argv=None) -> int:
         files, where = gather_images(a.images, a.num_images, tmp / "images")
         vae = load_vae(vae_path)
         print(f"VAE {what}; {len(files)} images from {where}; {a.size}px resize+crop, batch {a.batch_size}, "
-              f"{a.num_workers} decoding workers (nice {a.worker_nice}), {torch.get_num_threads()} torch threads, "
+              f"{a.num_workers} decoding workers (priority {' / '.join(a.worker_priority)}), {torch.get_num_threads()} torch threads, "
               f"{os.cpu_count()} CPUs, "
               f"load average {os.getloadavg()[0]:.1f} at start, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}")
 
@@ -128,34 +129,41 @@ def main(argv=None) -> int:
         tensors = []
         for f in files[: a.batch_size]:
             data = f.read_bytes()
-            img = decode_image(data, str(f), min_side=a.size)
-            arr, _ = preprocess(img, image_size(data, str(f)), ecfg, str(f))
+            img, full = decode_image_and_size(data, str(f), min_side=a.size)
+            arr, _ = preprocess(img, full, ecfg, str(f))
             tensors.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
         batch = torch.stack(tensors)
 
         # Interleaved (model, e2e, model, e2e, ..., model) so drifting machine load hits both alike;
-        # with several --worker-nice values each repeat runs them all, in rotating order.
+        # with several --worker-priority values each repeat runs them all, in rotating order.
         models = [model_only(vae, batch, len(files))]
-        e2e, total, first = ({n: [] for n in a.worker_nice} for _ in range(3))
+        prios = a.worker_priority
+        e2e, pairs, total, first = ({q: [] for q in prios} for _ in range(4))
         for r in range(a.repeats):
-            for j in range(len(a.worker_nice)):
-                nice = a.worker_nice[(r + j) % len(a.worker_nice)]
-                out = tmp / f"out{r}-{nice}"
-                res = encode_dataset(replace(ecfg, out=str(out), worker_nice=nice), progress=False)
+            done = []
+            for j in range(len(prios)):
+                q = prios[(r + j) % len(prios)]
+                out = tmp / f"out{r}-{q}"
+                res = encode_dataset(replace(ecfg, out=str(out), worker_priority=q), progress=False)
                 assert res.num_encoded == len(files), res
-                e2e[nice].append(res.num_encoded / res.pipeline_seconds)
-                total[nice].append(res.num_encoded / res.seconds)
-                first[nice].append(res.first_batch_seconds)
+                e2e[q].append(res.num_encoded / res.pipeline_seconds)
+                total[q].append(res.num_encoded / res.seconds)
+                first[q].append(res.first_batch_seconds)
+                done.append(q)
             models.append(model_only(vae, batch, len(files)))
+            for q in done:  # each end-to-end run against the model-only runs just before and after it
+                pairs[q].append(e2e[q][-1] / ((models[-2] + models[-1]) / 2))
 
     model = statistics.median(models)
     print(f"model-only   {model:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in models)}")
-    for nice in a.worker_nice:
-        pipe = statistics.median(e2e[nice])
-        print(f"end-to-end   {pipe:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in e2e[nice])} "
-              f"(workers at nice +{nice}); counting VAE load + listing: {statistics.median(total[nice]):.2f} img/s; "
-              f"first batch after {statistics.median(first[nice]):.2f} s (included)")
-        print(f"ratio end-to-end / model-only = {pipe / model:.3f}  (target >= 0.9)  [nice +{nice}]")
+    for q in prios:
+        pipe = statistics.median(e2e[q])
+        print(f"end-to-end   {pipe:8.2f} img/s  median of {', '.join(f'{v:.2f}' for v in e2e[q])} "
+              f"(workers: {q}); counting VAE load + listing: {statistics.median(total[q]):.2f} img/s; "
+              f"first batch after {statistics.median(first[q]):.2f} s (included)")
+        print(f"ratio end-to-end / model-only = {pipe / model:.3f} (medians); per run vs its neighbouring "
+              f"model-only runs: median {statistics.median(pairs[q]):.3f}, min {min(pairs[q]):.3f} "
+              f"[{', '.join(f'{v:.3f}' for v in pairs[q])}]  (target >= 0.9)  [workers: {q}]")
     return 0
 
 

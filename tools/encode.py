@@ -54,9 +54,10 @@ def main(argv=None) -> int:
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="inputs per output shard")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--num-workers", type=int, default=d.num_workers, help="image decoding workers per process")
-    p.add_argument("--worker-nice", type=int, default=d.worker_nice,
-                   help="niceness added to the decoding workers, so that on CPU they yield to the model's "
-                        "threads (default 0; tools/bench_encode.py --worker-nice 10 0 measures the effect)")
+    p.add_argument("--worker-priority", choices=["auto", "normal", "low", "idle"], default=d.worker_priority,
+                   help="scheduling of the decoding workers: idle = only on cores the model leaves idle "
+                        "(Linux SCHED_IDLE), low = nice +10; auto (default) = idle when the model runs on "
+                        "the CPU, normal on a GPU")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default=d.precision, help="VAE compute dtype")
     p.add_argument("--tile", type=int, default=None, help="tile-encode images larger than this many pixels")
     p.add_argument("--tile-overlap", type=int, default=d.tile_overlap)
@@ -70,7 +71,7 @@ def main(argv=None) -> int:
         cfg = EncodeConfig(
             vae=a.vae, data=a.data, out=a.out, preprocess=a.preprocess, size=a.size, store=a.store, dtype=a.dtype,
             flip=a.flip, shard_size=a.shard_size, batch_size=a.batch_size, num_workers=a.num_workers,
-            worker_nice=a.worker_nice,
+            worker_priority=a.worker_priority,
             precision=a.precision, tile=a.tile, tile_overlap=a.tile_overlap, seed=a.seed, threads=a.threads,
             overwrite=a.overwrite,
         )
