@@ -85,30 +85,33 @@ def read_all(out: Path) -> list:
 
 
 def resize_center_crop(img: Image.Image, size: int) -> np.ndarray:
-    """The documented 'resize' preprocessing, written independently of latentae.encode."""
+    """The documented 'resize' preprocessing, written independently of latentae.encode:
+    shorter side to size (antialiased bicubic, torch on uint8), centre crop."""
     w, h = img.size
     s = size / min(w, h)
     nw, nh = max(size, round(w * s)), max(size, round(h * s))
     left, top = (nw - size) // 2, (nh - size) // 2
-    # The centre size x size window of the image resized to nw x nh, resampled alone.
-    window = (left * w / nw, top * h / nh, (left + size) * w / nw, (top + size) * h / nh)
-    return np.asarray(img.resize((size, size), Image.Resampling.BICUBIC, box=window))
+    x = torch.from_numpy(np.array(img)).permute(2, 0, 1)[None]
+    if (nw, nh) != (w, h):
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode="bicubic", antialias=True)
+    return x[0, :, top : top + size, left : left + size].permute(1, 2, 0).numpy()
 
 
 @pytest.mark.parametrize("wh, size", [((200, 120), 64), ((120, 200), 64), ((97, 61), 48), ((64, 64), 64), ((90, 90), 32)])
-def test_resize_window_matches_resize_then_crop(wh, size):
-    """Resampling only the crop window is the geometry of resizing the whole image and
-    cropping: compared with that done in float (PIL 'F' mode, no 8-bit rounding between
-    the two passes), every pixel is within the 8-bit rounding (< ~1) and there is no
+def test_resize_matches_float_pil_resize_then_crop(wh, size):
+    """The uint8 resize has PIL's geometry and kernel: against PIL's bicubic done in float
+    ('F' mode, no rounding), every pixel is within 8-bit rounding (~1) and there is no
     shift (a one-pixel shift of this noisy image is off by ~10 on average)."""
     img = Image.fromarray(photo_like(*wh, seed=1))
     cfg = EncodeConfig(vae="x", data="x", out="x", size=size)
-    arr, meta = preprocess(img, wh, cfg, "x")
+    t, meta = preprocess(img, wh, cfg, "x")
+    assert t.dtype == torch.uint8 and t.shape == (3, size, size) and t.is_contiguous()
+    arr = t.permute(1, 2, 0).numpy().astype(np.float64)
     w, h = wh
     nw, nh = meta["resized_size"]
     assert min(nw, nh) == size and abs(nw / nh - w / h) < 2 / size
     box = tuple(meta["crop_box"])
-    assert (box[2] - box[0], box[3] - box[1]) == (size, size) and arr.shape == (size, size, 3)
+    assert (box[2] - box[0], box[3] - box[1]) == (size, size)
     planes = [Image.fromarray(np.asarray(img)[..., c].astype(np.float32), "F") for c in range(3)]
     ref = np.stack([np.asarray(p.resize((nw, nh), Image.Resampling.BICUBIC).crop(box)) for p in planes], -1)
     err = arr - np.clip(ref, 0, 255)

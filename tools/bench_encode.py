@@ -130,8 +130,8 @@ def main(argv=None) -> int:
         for f in files[: a.batch_size]:
             data = f.read_bytes()
             img, full = decode_image_and_size(data, str(f), min_side=a.size)
-            arr, _ = preprocess(img, full, ecfg, str(f))
-            tensors.append(torch.from_numpy(arr.copy()).permute(2, 0, 1))
+            t, _ = preprocess(img, full, ecfg, str(f))
+            tensors.append(t)
         batch = torch.stack(tensors)
 
         # Interleaved (model, e2e, model, e2e, ..., model) so drifting machine load hits both alike;
