@@ -48,7 +48,9 @@ from latentae.imageio import (
     iter_shard,
     iter_source,
     list_images,
+    resize_uint8,
     split_for_worker,
+    to_uint8_chw,
 )
 
 __all__ = [
@@ -116,27 +118,33 @@ def sample_rng(seed: int, epoch: int, sample_id: int | str) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{sample_id}")
 
 
-def _resize_shorter(img: Image.Image, size: int) -> Image.Image:
+def _resize_shorter(img: Image.Image, size: int) -> torch.Tensor:
+    """PIL image -> uint8 [3, H, W] with the shorter side = size (antialiased bicubic)."""
+    chw = to_uint8_chw(img)
     w, h = img.size
-    if min(w, h) == size:
-        return img
     if w <= h:
         new = (size, max(size, round(h * size / w)))
     else:
         new = (max(size, round(w * size / h)), size)
-    # PIL's BICUBIC widens its kernel when downscaling, i.e. it is antialiased.
-    return img.resize(new, Image.Resampling.BICUBIC)
+    return resize_uint8(chw, (new[1], new[0]))
 
 
-def _check_crop(img: Image.Image, size: int, name: str) -> None:
-    if min(img.size) < size:
-        raise BadImage(name, f"image {img.width}x{img.height} is smaller than the {size}px crop (resize_shorter is off)")
+def _check_crop(chw: torch.Tensor, size: int, name: str) -> None:
+    h, w = chw.shape[1:]
+    if min(h, w) < size:
+        raise BadImage(name, f"image {w}x{h} is smaller than the {size}px crop (resize_shorter is off)")
 
 
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """8-bit RGB PIL image -> float tensor [3, H, W] in [-1, 1]."""
-    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # [H, W, 3]
-    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+def to_tensor(img: Image.Image | torch.Tensor) -> torch.Tensor:
+    """8-bit RGB (PIL image or uint8 [3, H, W]) -> float tensor [3, H, W] in [-1, 1]."""
+    chw = img if isinstance(img, torch.Tensor) else to_uint8_chw(img)
+    return chw.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
+
+
+def _prepare(img: Image.Image, cfg: DataConfig, name: str) -> torch.Tensor:
+    chw = _resize_shorter(img, cfg.resolution) if cfg.resize_shorter else to_uint8_chw(img)
+    _check_crop(chw, cfg.resolution, name)
+    return chw
 
 
 def train_transform(img: Image.Image, cfg: DataConfig, rng: random.Random, name: str = "") -> torch.Tensor:
@@ -145,30 +153,26 @@ def train_transform(img: Image.Image, cfg: DataConfig, rng: random.Random, name:
     All randomness is drawn from ``rng`` (always two draws, so the flip does not
     depend on whether the crop had any freedom)."""
     r = cfg.resolution
-    if cfg.resize_shorter:
-        img = _resize_shorter(img, r)
-    _check_crop(img, r, name)
-    w, h = img.size
+    chw = _prepare(img, cfg, name)
+    h, w = chw.shape[1:]
     u, v, f = rng.random(), rng.random(), rng.random()
     if cfg.random_crop:
         x, y = int(u * (w - r + 1)), int(v * (h - r + 1))
     else:
         x, y = (w - r) // 2, (h - r) // 2
-    img = img.crop((x, y, x + r, y + r))
+    chw = chw[:, y : y + r, x : x + r]
     if cfg.flip and f < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return to_tensor(img)
+        chw = chw.flip(-1)
+    return to_tensor(chw)
 
 
 def val_transform(img: Image.Image, cfg: DataConfig, name: str = "") -> torch.Tensor:
     """Deterministic: resize (optional) -> centre crop -> [3, R, R] in [-1, 1]."""
     r = cfg.resolution
-    if cfg.resize_shorter:
-        img = _resize_shorter(img, r)
-    _check_crop(img, r, name)
-    w, h = img.size
+    chw = _prepare(img, cfg, name)
+    h, w = chw.shape[1:]
     x, y = (w - r) // 2, (h - r) // 2
-    return to_tensor(img.crop((x, y, x + r, y + r)))
+    return to_tensor(chw[:, y : y + r, x : x + r])
 
 
 def _min_side(cfg: DataConfig) -> int | None:

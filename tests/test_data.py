@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import random
 import tarfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from latentae.data import (
     sample_rng,
     split_for_worker,
     train_transform,
+    val_transform,
 )
 
 RES = 16  # crop size used by the loader tests
@@ -355,6 +357,29 @@ def test_transform_depends_only_on_the_sample_rng():
     fixed = DataConfig(resolution=RES, random_crop=False, flip=False, resize_shorter=False)
     expected = torch.from_numpy(np.asarray(img)[12:28, 17:33].copy()).permute(2, 0, 1).float() / 127.5 - 1
     assert torch.allclose(train_transform(img, fixed, sample_rng(0, 0, 0)), expected)
+
+
+@pytest.mark.parametrize("wh", [(50, 30), (30, 50), (16, 40)])
+def test_resize_shorter_has_pils_bicubic_geometry(wh):
+    """The loader's resize (torch uint8, antialiased) against PIL's bicubic done in float:
+    within 8-bit rounding everywhere and no shift; a flip mirrors exactly."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0 : wh[1], 0 : wh[0]]
+    a = 127 + 90 * np.sin(xx[..., None] / 4.0 + yy[..., None] / 6.0 + np.arange(3)) + rng.normal(0, 8, (wh[1], wh[0], 3))
+    img = Image.fromarray(np.clip(a, 0, 255).astype(np.uint8))
+    cfg = DataConfig(resolution=RES, random_crop=False, flip=False)
+    out = (val_transform(img, cfg) + 1) * 127.5  # [3, R, R] in 8-bit levels
+    w, h = wh
+    nw, nh = (RES, round(h * RES / w)) if w <= h else (round(w * RES / h), RES)
+    x, y = (nw - RES) // 2, (nh - RES) // 2
+    planes = [Image.fromarray(np.asarray(img)[..., c].astype(np.float32), "F").resize((nw, nh), Image.Resampling.BICUBIC)
+              for c in range(3)]
+    ref = np.stack([np.asarray(p)[y : y + RES, x : x + RES] for p in planes])
+    err = out.numpy() - np.clip(ref, 0, 255)
+    assert np.abs(err).max() < 1.1 and abs(err.mean()) < 0.05, (np.abs(err).max(), err.mean())
+    # random.Random(0)'s third draw is 0.42 < 0.5: this one flips
+    flipped = train_transform(img, DataConfig(resolution=RES, random_crop=False, flip=True), random.Random(0))
+    assert torch.equal(flipped, train_transform(img, cfg, random.Random(0)).flip(-1))
 
 
 @pytest.mark.parametrize("kind", ["folder", "shards"])
