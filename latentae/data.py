@@ -49,6 +49,7 @@ from latentae.imageio import (
     iter_source,
     list_images,
     resize_uint8,
+    shorter_side_to,
     split_for_worker,
     to_uint8_chw,
 )
@@ -120,13 +121,8 @@ def sample_rng(seed: int, epoch: int, sample_id: int | str) -> random.Random:
 
 def _resize_shorter(img: Image.Image, size: int) -> torch.Tensor:
     """PIL image -> uint8 [3, H, W] with the shorter side = size (antialiased bicubic)."""
-    chw = to_uint8_chw(img)
-    w, h = img.size
-    if w <= h:
-        new = (size, max(size, round(h * size / w)))
-    else:
-        new = (max(size, round(w * size / h)), size)
-    return resize_uint8(chw, (new[1], new[0]))
+    w, h = shorter_side_to(*img.size, size)
+    return resize_uint8(to_uint8_chw(img), (h, w))
 
 
 def _check_crop(chw: torch.Tensor, size: int, name: str) -> None:

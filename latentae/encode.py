@@ -73,6 +73,7 @@ from latentae.imageio import (
     is_shard_source,
     iter_shard,
     resize_uint8,
+    shorter_side_to,
     to_uint8_chw,
 )
 from latentae.latents import FORMAT, JOB, MANIFEST, escape_key, npy_bytes, to_stored
@@ -333,7 +334,7 @@ def preprocess(img: Image.Image, original_size: tuple[int, int], cfg: EncodeConf
             raise BadImage(name, f"image is {ow}x{oh}, smaller than the {s}x{s} centre crop (use --preprocess resize)")
         rw, rh = ow, oh
     else:  # resize: shorter side to s, from the original aspect ratio (img may be a reduced JPEG draft)
-        rw, rh = (s, max(s, round(oh * s / ow))) if ow <= oh else (max(s, round(ow * s / oh)), s)
+        rw, rh = shorter_side_to(ow, oh, s)
     left, top = (rw - s) // 2, (rh - s) // 2
     box = (left, top, left + s, top + s)
     meta.update(resized_size=[rw, rh], crop_box=list(box))

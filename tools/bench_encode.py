@@ -140,7 +140,6 @@ def main(argv=None) -> int:
         prios = a.worker_priority
         e2e, pairs, total, first = ({q: [] for q in prios} for _ in range(4))
         for r in range(a.repeats):
-            done = []
             for j in range(len(prios)):
                 q = prios[(r + j) % len(prios)]
                 out = tmp / f"out{r}-{q}"
@@ -149,9 +148,8 @@ def main(argv=None) -> int:
                 e2e[q].append(res.num_encoded / res.pipeline_seconds)
                 total[q].append(res.num_encoded / res.seconds)
                 first[q].append(res.first_batch_seconds)
-                done.append(q)
             models.append(model_only(vae, batch, len(files)))
-            for q in done:  # each end-to-end run against the model-only runs just before and after it
+            for q in prios:  # each end-to-end run against the model-only runs just before and after it
                 pairs[q].append(e2e[q][-1] / ((models[-2] + models[-1]) / 2))
 
     model = statistics.median(models)
