@@ -132,8 +132,9 @@ def compute_latent_stats(
     """Statistics of the latents in ``source`` (a latents folder, shard pattern or list)."""
     if use not in ("sample", "mean"):
         raise ValueError(f"use must be 'sample' or 'mean', got {use!r}")
-    ds = LatentDataset(
-        source, sample=use == "sample", seed=seed, normalize=False, flip="both" if include_flip else "none"
+    ds = LatentDataset(  # one plain pass in the stored order: statistics need no shuffling
+        source, sample=use == "sample", seed=seed, normalize=False, flip="both" if include_flip else "none",
+        shuffle=False,
     )
     moments: ChannelMoments | None = None
     pending: list[np.ndarray] = []

@@ -18,7 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from latentae.encode import EncodeConfig, JobMismatch, encode_dataset, preprocess
+from latentae.encode import SHARD_STRIDE, EncodeConfig, JobMismatch, encode_dataset, preprocess
 from latentae.io import save_vae_safetensors
 from latentae.latents import MANIFEST, iter_shard_latents, read_manifest
 from latentae.model import ModelConfig, build_vae
@@ -172,7 +172,8 @@ def test_shards_and_manifest_match_direct_encoding(tmp_path, vae_file):
     m = read_manifest(out)
     assert (m["num_inputs"], m["num_encoded"], m["num_skipped"]) == (10, 7, 3)
     assert r.manifest is not None and r.parts_written == 3
-    assert [s["num_inputs"] for s in m["shards"]] == [4, 4, 2]
+    assert [s["num_inputs"] for s in m["parts"]] == [4, 4, 2]
+    assert [s["file"] for s in m["shards"]] == ["part-000000-0000.tar", "part-000001-0000.tar", "part-000002-0000.tar"]
     assert sum(s["num_encoded"] for s in m["shards"]) == 7
     # every skipped input is named with a reason
     reasons = {Path(s["source"]).name: s["reason"] for s in m["skipped"]}
@@ -184,7 +185,10 @@ def test_shards_and_manifest_match_direct_encoding(tmp_path, vae_file):
 
     assert m["job"]["vae"]["weights_hash"] == weights_hash(load_vae(vae_path, fast=False))
     assert m["job"]["preprocess"]["mode"] == "resize" and m["job"]["preprocess"]["size"] == 32
-    assert not list(out.glob("*.tmp"))
+    # the precision the model ran in: fp32 weights on the CPU compute in fp32, no fallbacks
+    assert m["job"]["precision"] == {"parameters": "fp32", "compute": "float32"}
+    assert m["precision"] == {"parameters": "fp32", "compute": "float32", "fp32_fallbacks": 0}
+    assert not list(out.glob("*.tmp")) and not list((out / "claims").glob("*"))
 
     samples = read_all(out)
     assert sorted(s.key for s in samples) == sorted(p.stem for p in imgs)
@@ -338,7 +342,7 @@ def test_vae_with_new_factors_is_the_same_job(tmp_path, vae_file):
     vae_path, vae = vae_file
     make_images(tmp_path / "data", 3)
     run_encode(vae_path, tmp_path / "data", tmp_path / "out", size=32, shard_size=2)
-    (tmp_path / "out" / "part-000001.tar").unlink()
+    (tmp_path / "out" / "part-000001-0000.tar").unlink()
     from latentae.io import save_diffusers
 
     save_diffusers(vae, tmp_path / "rescaled", scaling_factor=0.5, shift_factor=0.1)
@@ -346,8 +350,8 @@ def test_vae_with_new_factors_is_the_same_job(tmp_path, vae_file):
     assert r.parts_written == 1 and r.manifest["num_encoded"] == 3
 
 
-def test_encode_failures_and_non_finite_latents_are_skipped(tmp_path, vae_file, monkeypatch):
-    """A sample the VAE cannot encode (error or NaN) costs only itself."""
+def test_out_of_memory_alone_and_non_finite_latents_are_skipped(tmp_path, vae_file, monkeypatch):
+    """A sample that does not fit in memory even alone, or whose latents are NaN, costs only itself."""
     vae_path, _ = vae_file
     make_images(tmp_path / "data", 6, size=(32, 32))
     Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(tmp_path / "data" / "img0002.png")  # black
@@ -363,7 +367,7 @@ def test_encode_failures_and_non_finite_latents_are_skipped(tmp_path, vae_file, 
         def encode(x):
             flat = x.flatten(1)
             if (flat == -1).all(1).any():
-                raise RuntimeError("simulated out of memory")
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: simulated out of memory")
             post = plain(x)
             white = (flat == 1).all(1)
             post.mean[white] = float("nan")
@@ -377,26 +381,9 @@ def test_encode_failures_and_non_finite_latents_are_skipped(tmp_path, vae_file, 
     m = read_manifest(tmp_path / "out")
     assert m["num_encoded"] == 4
     reasons = {s["key"]: s["reason"] for s in m["skipped"]}
-    assert "simulated out of memory" in reasons["img0002"] and "non-finite" in reasons["img0004"]
+    assert "does not fit in memory even alone" in reasons["img0002"] and "simulated" in reasons["img0002"]
+    assert "non-finite" in reasons["img0004"]
     assert sorted(s.key for s in read_all(tmp_path / "out")) == ["img0000", "img0001", "img0003", "img0005"]
-
-
-def test_vae_failing_on_everything_stops_the_job(tmp_path, vae_file, monkeypatch):
-    vae_path, _ = vae_file
-    make_images(tmp_path / "data", 10, size=(32, 32))
-    import latentae.io
-
-    real_load = latentae.io.load_vae
-
-    def load_broken(*a, **kw):
-        vae = real_load(*a, **kw)
-        vae.encode = lambda x: (_ for _ in ()).throw(RuntimeError("wrong dtype"))
-        return vae
-
-    monkeypatch.setattr(latentae.io, "load_vae", load_broken)
-    with pytest.raises(RuntimeError, match="failed on every one"):
-        run_encode(vae_path, tmp_path / "data", tmp_path / "out", size=32, batch_size=2, shard_size=3)
-    assert not list((tmp_path / "out").glob("*.tmp")) and not (tmp_path / "out" / MANIFEST).exists()
 
 
 def test_duplicate_keys_are_skipped_not_fatal(tmp_path, vae_file):
@@ -447,31 +434,47 @@ def write_input_shards(folder: Path, n_shards: int, per_shard: int, bad: set[int
     return [str(folder / f"in-{s:03d}.tar") for s in range(n_shards)]
 
 
-def test_webdataset_input_parts_span_shards(tmp_path, vae_file):
+def test_webdataset_input_one_part_per_input_shard(tmp_path, vae_file):
     vae_path, _ = vae_file
-    write_input_shards(tmp_path / "in", 3, 5, bad={6})
+    urls = write_input_shards(tmp_path / "in", 3, 5, bad={6})
     pattern = str(tmp_path / "in" / "in-{000..002}.tar")
     out = tmp_path / "out"
-    run_encode(vae_path, pattern, out, size=32, shard_size=4, batch_size=3)
+    run_encode(vae_path, pattern, out, size=32, shard_size=2, batch_size=3)
     m = read_manifest(out)
     assert (m["num_inputs"], m["num_encoded"], m["num_skipped"]) == (15, 14, 1)
-    assert [c for _, c in m["job"]["input"]["shards"]] == [5, 5, 5]
+    assert m["job"]["input"]["count"] == 3 and len(m["job"]["input"]["shards"]) == 3
+    # part p = input shard p, its latents in tars of at most shard_size = 2
+    assert [(s["file"], s["num_encoded"]) for s in m["shards"][:4]] == [
+        ("part-000000-0000.tar", 2), ("part-000000-0001.tar", 2), ("part-000000-0002.tar", 1), ("part-000001-0000.tar", 2)]
+    assert [p["num_inputs"] for p in m["parts"]] == [5, 5, 5] and m["parts"][1]["num_skipped"] == 1
     samples = read_all(out)
-    assert sorted(s.index for s in samples) == [i for i in range(15) if i != 6]
+    want = [p * SHARD_STRIDE + i for p in range(3) for i in range(5)]
+    want.remove(SHARD_STRIDE + 1)  # sample 6 overall = position 1 of shard 1
+    assert sorted(s.index for s in samples) == want
+    assert m["skipped"][0]["index"] == SHARD_STRIDE + 1 and "not an image" in m["skipped"][0]["reason"]
     # keys with dots survive the WebDataset naming; sources name shard and member
-    s = next(x for x in samples if x.index == 7)
+    s = next(x for x in samples if x.index == SHARD_STRIDE + 2)
     assert s.key == "s1.d/k0007" and s.meta["source"].endswith("in-001.tar:s1.d/k0007.png")
-    # re-run: shard counts come from job.json; a deleted part spanning two input shards is redone
-    (out / "part-000001.tar").unlink()
-    r = run_encode(vae_path, pattern, out, size=32, shard_size=4, batch_size=3)
-    assert r.parts_written == 1
-    assert sorted(s.index for s in read_all(out)) == [i for i in range(15) if i != 6]
-    # the same data through a pipe: URL
-    r = run_encode(vae_path, f"pipe:cat {pattern}", tmp_path / "out_pipe", size=32, shard_size=4)
-    assert r.manifest["num_encoded"] == 14
+    # re-run: a part with one shard deleted is redone whole, the others are left alone
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("part-00000[02]*")}
+    (out / "part-000001-0001.tar").unlink()
+    r = run_encode(vae_path, pattern, out, size=32, shard_size=2, batch_size=3)
+    assert r.parts_written == 1 and r.parts_done_before == 2
+    assert sorted(s.index for s in read_all(out)) == want
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("part-00000[02]*")} == stamps
+    # the same data through pipe: URLs that log each opening: one pass, each shard read once
+    log = tmp_path / "opened.log"
+    r = run_encode(vae_path, counting_source(urls, log), tmp_path / "out_pipe", size=32, shard_size=4, num_workers=2)
+    assert r.manifest["num_encoded"] == 14 and r.manifest["num_inputs"] == 15
+    assert sorted(log.read_text().split()) == urls
 
 
 # ----------------------------------------------------------------------------- processes
+
+
+def counting_source(urls: list[str], log: Path) -> str:
+    """pipe: URLs that append the shard's name to ``log`` each time the shard is opened."""
+    return "::".join(f"pipe:sh -c 'echo {u} >> {log}; cat {u}'" for u in urls)
 
 
 def _indices(out: Path) -> list[int]:
@@ -497,49 +500,67 @@ def test_resume_after_sigkill_encodes_everything_exactly_once(tmp_path, vae_file
     time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = list(out.glob("part-*.tar"))
+    done = list(out.glob("part-??????.json"))  # a part is done when its json exists (written last)
     assert not (out / MANIFEST).exists(), f"the run finished before the kill (k={k}, delay={delay:.3f})"
-    assert k <= len(done) < 41, (k, len(done))
-    # a stale temporary for a part that is not done must be redone, not trusted
-    pending = next(p for p in range(41) if not (out / f"part-{p:06d}.tar").exists())
-    (out / f"part-{pending:06d}.tar.tmp").write_bytes(b"half a shard")
+    assert k - 1 <= len(done) < 41, (k, len(done))
+    # The remains of an unfinished part (a temporary, a published tar without its json, the dead
+    # process's claim) must be redone, not trusted.
+    pending = next(p for p in range(41) if not (out / f"part-{p:06d}.json").exists())
+    (out / f"part-{pending:06d}-0000.tar.deadbeef0000.tmp").write_bytes(b"half a shard")
+    (out / f"part-{pending:06d}-0000.tar").write_bytes(b"published, but its json never was")
+    claim = out / "claims" / f"part-{pending:06d}.claim"
+    if not claim.exists():
+        dead = subprocess.Popen(["true"])
+        dead.wait()
+        from latentae.encode.claims import machine_id
+
+        claim.parent.mkdir(exist_ok=True)
+        claim.write_text(f'{{"machine": "{machine_id()}", "pid": {dead.pid}, "started": null, "token": "dead"}}')
 
     rerun = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
-    assert f"{len(done)} of 41 shards were already done" in rerun.stdout
+    assert f"{len(done)} of 41 parts were already done" in rerun.stdout
     assert _indices(out) == list(range(n))  # every valid input exactly once
     m = read_manifest(out)
-    assert (m["num_encoded"], m["num_skipped"]) == (n, 1) and len(m["shards"]) == 41
-    assert not list(out.glob("*.tmp"))
+    assert (m["num_encoded"], m["num_skipped"]) == (n, 1) and len(m["parts"]) == 41
+    assert len(m["shards"]) == 40  # the last part holds only the bad file: no shard
+    assert not list(out.glob("*.tmp")) and not list((out / "claims").glob("*"))
     again = run_encode(vae_path, tmp_path / "data", out, size=32, shard_size=8, batch_size=4)
     assert again.nothing_to_do
 
 
-def test_two_processes_split_disjointly_and_rerun_with_other_count(tmp_path, vae_file):
+def test_two_processes_share_the_parts_and_read_each_input_shard_once(tmp_path, vae_file):
+    """torchrun, 2 CPU processes (gloo): rank 0 plans and the other receives the plan; the
+    parts are shared by claims; a counting pipe: opener shows every input shard was read
+    exactly once in all (no counting pass, no shard read by both)."""
     vae_path, _ = vae_file
-    n = 22
-    make_images(tmp_path / "data", n)
+    urls = write_input_shards(tmp_path / "in", 6, 4, bad={5})
+    log = tmp_path / "opened.log"
+    source = counting_source(urls, log)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tools" / "encode.py"), "--vae", str(vae_path), "--data", str(tmp_path / "data"),
-           "--out", str(out), "--size", "32", "--shard-size", "3", "--batch-size", "2", "--num-workers", "1",
-           "--no-progress"]
+           str(ROOT / "tools" / "encode.py"), "--vae", str(vae_path), "--data", source,
+           "--out", str(out), "--size", "32", "--batch-size", "2", "--num-workers", "1", "--no-progress"]
     r = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr
     per_rank = [line for line in r.stdout.splitlines() if line.startswith("encoded ")]
     assert len(per_rank) == 2
     written = [int(line.split(" into ")[1].split()[0]) for line in per_rank]
-    assert sorted(written) == [4, 4]  # 8 parts dealt 4 + 4
-    assert _indices(out) == list(range(n))  # disjoint (no index twice) and complete
-    assert read_manifest(out)["num_encoded"] == n
+    assert sum(written) == 6  # each of the 6 parts (input shards) written by one of the two ranks
+    assert sorted(log.read_text().split()) == urls  # each input shard opened once
+    want = [p * SHARD_STRIDE + i for p in range(6) for i in range(4) if (p, i) != (1, 1)]
+    assert _indices(out) == want  # disjoint (no index twice) and complete
+    m = read_manifest(out)
+    assert (m["num_inputs"], m["num_encoded"], m["num_skipped"]) == (24, 23, 1)
 
-    # lose three parts, finish with ONE process: the split is recomputed from what is on disk
-    for p in (0, 3, 7):
-        (out / f"part-{p:06d}.tar").unlink()
+    # lose three parts, finish with ONE process: only their input shards are read again
+    for p in (0, 3, 5):
+        (out / f"part-{p:06d}-0000.tar").unlink()
     (out / MANIFEST).unlink()
-    res = run_encode(vae_path, tmp_path / "data", out, size=32, shard_size=3, batch_size=2)
-    assert res.parts_written == 3 and res.parts_done_before == 5
-    assert _indices(out) == list(range(n))
+    res = run_encode(vae_path, source, out, size=32, batch_size=2)
+    assert res.parts_written == 3 and res.parts_done_before == 3
+    assert sorted(log.read_text().split()) == sorted(urls + [urls[0], urls[3], urls[5]])
+    assert _indices(out) == want
 
 
 # ----------------------------------------------------------------------------- worker priority
@@ -549,16 +570,16 @@ def test_two_processes_split_disjointly_and_rerun_with_other_count(tmp_path, vae
 def test_decoding_workers_priority(tmp_path, vae_file, monkeypatch, priority):
     """The worker_init_fn really sets the worker's scheduling, and only the worker's:
     'auto' on the CPU is SCHED_IDLE (cores the model leaves idle), 'low' is nice +10."""
-    import latentae.encode as enc
+    import latentae.encode.reading as enc
 
-    load, marker = enc._load, tmp_path / "sched.txt"
+    load, marker = enc.load_sample, tmp_path / "sched.txt"
 
     def spy(*args, **kw):  # runs in the forked worker: report its scheduling through a file
         with open(marker, "a") as f:
             f.write(f"{os.sched_getscheduler(0)} {os.nice(0)}\n")
         return load(*args, **kw)
 
-    monkeypatch.setattr(enc, "_load", spy)
+    monkeypatch.setattr(enc, "load_sample", spy)
     data = tmp_path / "images"
     make_images(data, 3)
     base = (os.sched_getscheduler(0), os.nice(0))
@@ -570,11 +591,32 @@ def test_decoding_workers_priority(tmp_path, vae_file, monkeypatch, priority):
     assert (os.sched_getscheduler(0), os.nice(0)) == base  # the encoding process itself is unchanged
 
 
-def test_worker_priority_resolution_and_validation():
-    from latentae.encode import worker_priority
+def test_device_policies_without_a_gpu():
+    """The device-dependent decisions are plain functions of the device type (and cores)."""
+    from latentae.encode.device import (
+        default_num_workers,
+        is_out_of_memory,
+        pin_memory,
+        use_writer_thread,
+        worker_priority,
+    )
 
-    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
-    assert worker_priority(EncodeConfig(), cpu) == "idle" and worker_priority(EncodeConfig(), gpu) == "normal"
-    assert worker_priority(EncodeConfig(worker_priority="low"), gpu) == "low"
+    assert worker_priority("auto", "cpu") == "idle" and worker_priority("auto", "cuda") == "normal"
+    assert worker_priority("low", "cuda") == "low"
     with pytest.raises(ValueError, match=r"worker_priority: expected one of .* got 'idel' \(did you mean 'idle'\?\)"):
         EncodeConfig(worker_priority="idel")
+    # decoding workers: today's 2 on the CPU; on a GPU the process's share of the cores minus 2, in [2, 16]
+    assert default_num_workers("cpu", 64, 1) == 2
+    assert default_num_workers("cuda", 96, 8) == 10 and default_num_workers("cuda", 16, 1) == 14
+    assert default_num_workers("cuda", 8, 8) == 2 and default_num_workers("cuda", 256, 1) == 16
+    # the writer is a thread where a device runs the model, inline where the CPU does
+    assert use_writer_thread("auto", "cuda") and not use_writer_thread("auto", "cpu")
+    assert use_writer_thread("thread", "cpu") and not use_writer_thread("inline", "cuda")
+    assert pin_memory("cuda") and not pin_memory("cpu")
+    # out of memory (retried smaller) vs a device fault (stops the job)
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory"))
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("expected images of shape [N, 3, H, W]"))
