@@ -80,6 +80,12 @@ def add_bad_files(folder: Path) -> dict[str, str]:
     return {"bad_text.png": "not an image", "bad_empty.jpg": "empty", "bad_truncated.jpg": "truncated"}
 
 
+def leftovers(out: Path) -> list[Path]:
+    """Temporaries and claims: none may remain after a run, finished or stopped."""
+    found = [*out.glob("*.tmp"), *(out / "tmp").rglob("*"), *(out / "claims").glob("*")]
+    return [p for p in found if p.is_file()]
+
+
 def read_all(out: Path) -> list:
     return [s for tar in sorted(out.glob("part-*.tar")) for s in iter_shard_latents(tar)]
 
@@ -188,7 +194,7 @@ def test_shards_and_manifest_match_direct_encoding(tmp_path, vae_file):
     # the precision the model ran in: fp32 weights on the CPU compute in fp32, no fallbacks
     assert m["job"]["precision"] == {"parameters": "fp32", "compute": "float32"}
     assert m["precision"] == {"parameters": "fp32", "compute": "float32", "fp32_fallbacks": 0}
-    assert not list(out.glob("*.tmp")) and not list((out / "claims").glob("*"))
+    assert not leftovers(out)
 
     samples = read_all(out)
     assert sorted(s.key for s in samples) == sorted(p.stem for p in imgs)
@@ -506,7 +512,8 @@ def test_resume_after_sigkill_encodes_everything_exactly_once(tmp_path, vae_file
     # The remains of an unfinished part (a temporary, a published tar without its json, the dead
     # process's claim) must be redone, not trusted.
     pending = next(p for p in range(41) if not (out / f"part-{p:06d}.json").exists())
-    (out / f"part-{pending:06d}-0000.tar.deadbeef0000.tmp").write_bytes(b"half a shard")
+    (out / "tmp" / f"part-{pending:06d}").mkdir(parents=True, exist_ok=True)
+    (out / "tmp" / f"part-{pending:06d}" / f"part-{pending:06d}-0000.tar.deadbeef0000").write_bytes(b"half a shard")
     (out / f"part-{pending:06d}-0000.tar").write_bytes(b"published, but its json never was")
     claim = out / "claims" / f"part-{pending:06d}.claim"
     if not claim.exists():
@@ -524,7 +531,7 @@ def test_resume_after_sigkill_encodes_everything_exactly_once(tmp_path, vae_file
     m = read_manifest(out)
     assert (m["num_encoded"], m["num_skipped"]) == (n, 1) and len(m["parts"]) == 41
     assert len(m["shards"]) == 40  # the last part holds only the bad file: no shard
-    assert not list(out.glob("*.tmp")) and not list((out / "claims").glob("*"))
+    assert not leftovers(out)
     again = run_encode(vae_path, tmp_path / "data", out, size=32, shard_size=8, batch_size=4)
     assert again.nothing_to_do
 

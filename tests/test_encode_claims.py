@@ -15,7 +15,7 @@ import pytest
 
 from latentae.encode.claims import Claims, Owner, _proc_stat, machine_id
 from latentae.latents import read_manifest
-from test_encode import ROOT, _env, make_images, one_torch_thread, read_all, run_encode, vae_file  # noqa: F401
+from test_encode import ROOT, _env, leftovers, make_images, one_torch_thread, read_all, run_encode, vae_file  # noqa: F401
 
 
 def _claim_of(out: Path, name: str, **owner) -> Path:
@@ -67,11 +67,11 @@ def test_take_over_of_a_stale_claim_has_one_winner(tmp_path):
     """Contenders that all judged one claim stale: exactly one ends up holding the part."""
     dead = subprocess.Popen(["true"])
     dead.wait()
-    for trial in range(20):
+    for trial in range(50):
         name = f"part-{trial:06d}"
         _claim_of(tmp_path, name, machine=machine_id(), pid=dead.pid, started=None, token="dead")
-        contenders = [Claims(tmp_path, Owner.current(), timeout=5.0) for _ in range(4)]
-        barrier = threading.Barrier(4)
+        contenders = [Claims(tmp_path, Owner.current(), timeout=5.0) for _ in range(6)]
+        barrier = threading.Barrier(6)
         won = []
 
         def go(c):
@@ -157,5 +157,5 @@ def test_two_encoders_started_together_write_every_input_once(tmp_path, vae_file
     assert sum(written) == 12 and min(written) > 0, written  # 12 parts, each written once, by both
     assert sorted(s.index for s in read_all(out)) == list(range(n))
     assert read_manifest(out)["num_encoded"] == n
-    assert not list(out.glob("*.tmp")) and not list((out / "claims").glob("*.claim"))
+    assert not leftovers(out)
     assert run_encode(vae_file[0], tmp_path / "data", out, size=32, shard_size=4, batch_size=2).nothing_to_do

@@ -15,6 +15,7 @@ import latentae.io
 from latentae.encode import EncodeFault, InputShardError
 from latentae.latents import MANIFEST, read_manifest
 from test_encode import (  # noqa: F401
+    leftovers,
     load_tool,
     make_images,
     one_torch_thread,
@@ -70,8 +71,7 @@ def parts_done(out) -> int:
 
 def assert_clean_and_unfinished(out) -> None:
     assert not (out / MANIFEST).exists()
-    assert not list(out.glob("*.tmp")), list(out.glob("*.tmp"))
-    assert not list((out / "claims").glob("*.claim"))
+    assert not leftovers(out), leftovers(out)
     done = {p.stem for p in out.glob("part-??????.json")}
     assert {t.name[:11] for t in out.glob("part-*.tar")} <= done  # no tar of an unfinished part
 

@@ -314,3 +314,29 @@ def test_flip_both_and_random_with_shuffling(tmp_path):
     assert sorted((it["index"], it["flipped"]) for it in both) == [(i, f) for i in range(12) for f in (False, True)]
     for it in both:
         assert it["latent"][0, 0, 0] == (-1 if it["flipped"] else 1) * it["index"]
+
+
+def test_shard_reader_long_names_and_corruption(tmp_path):
+    """The loader's own tar reader: pax long names, and a clear error naming the file."""
+    from latentae.latents import count_shard_latents, iter_shard_latents
+
+    long_key = "class_" + "x" * 150 + "/img.v2"
+    path = tmp_path / "s.tar"
+    with open(path, "wb") as f:
+        w = LatentTarWriter(f)
+        for i, key in enumerate(["a", long_key, "b"]):
+            w.add({"key": key, "index": i, "dtype": "fp16", "store": "mode"},
+                  {"latent.npy": np.full((4, 2, 3), i, np.float16)})
+        w.close()
+    got = list(iter_shard_latents(path))
+    assert [s.key for s in got] == ["a", long_key, "b"] and count_shard_latents(path) == 3
+    assert torch.equal(got[1].mean, torch.full((4, 2, 3), 1.0))
+    raw = path.read_bytes()
+    npy = raw.index(b"\x93NUMPY")  # the first array's header
+    path.write_bytes(raw[:npy + 20] + b"\xff" + raw[npy + 21:])
+    with pytest.raises(LatentFormatError, match=r"s\.tar:a\.latent\.npy: not a readable \.npy array"):
+        list(iter_shard_latents(path))
+    header = raw.index(b"b.json")  # the last sample's first tar header
+    path.write_bytes(raw[:header] + b"c" + raw[header + 1:])
+    with pytest.raises(LatentFormatError, match=rf"s\.tar: not a readable tar at byte {header}: bad header checksum"):
+        list(iter_shard_latents(path))

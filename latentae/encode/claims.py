@@ -17,8 +17,9 @@ A claim is *stale*, and another process takes it over, when:
    "Now" is the filesystem's clock (the mtime of a file we touch), so clock skew between
    machines does not matter.
 
-Take-over renames the stale file away (only one of several contenders succeeds), checks
-that the file it moved is the one it judged, and then claims as usual.
+Take-over happens under a break lock (``part-N.break``, ``O_EXCL``, held for microseconds):
+the contender that gets it checks that the claim is still the one it judged stale, removes
+it and claims as usual; the others pass the part by, so exactly one of them gets it.
 
 Claims avoid duplicate work; they are not what makes the output exact. Every part has
 fixed file names, each writer writes under names unique to it (its token) and publishes
@@ -34,6 +35,7 @@ import json
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -113,6 +115,7 @@ class Claims:
         self._lock = threading.Lock()
         self._stop: threading.Event | None = None
         self._thread: threading.Thread | None = None
+        self._clock: tuple[float, float] | None = None  # (monotonic, filesystem time) of the last look
 
     def __getstate__(self):  # sent to decoding workers: settings, not the heartbeat
         return {"dir": self.dir, "owner": self.owner, "timeout": self.timeout}
@@ -126,16 +129,16 @@ class Claims:
     # -- claiming
 
     def try_claim(self, name: str) -> bool:
-        """Claim part ``name``; False if another live process holds it."""
+        """Claim part ``name``; False if another live process holds it (or is taking it over)."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):  # a second try after taking over a stale claim
-            if self._create(name):
-                return True
-            held = self.holder(name)
-            if held is None or not self.is_stale(name, held)[0]:
-                return False
-            self._take_over(name, held.get("token"))
-        return False
+        if self._create(name):
+            return True
+        held = self.holder(name)
+        if held is None:  # released meanwhile
+            return self._create(name)
+        if not self.is_stale(name, held)[0]:
+            return False
+        return self._take_over(name, held.get("token"))
 
     def _create(self, name: str) -> bool:
         try:
@@ -172,30 +175,43 @@ class Claims:
             return False, "released meanwhile"
         return age > self.timeout, f"refreshed {age:.0f}s ago (timeout {self.timeout:g}s)"
 
-    def _take_over(self, name: str, token: str | None) -> None:
-        path = self.path(name)
-        moved = path.with_name(f"{path.name}.stale-{self.owner.token}")
+    def _take_over(self, name: str, token: str | None) -> bool:
+        """Replace the stale claim with ours, one contender at a time: under a break lock
+        (``O_EXCL``, held for microseconds), check that the claim is still the one judged
+        stale, remove it, and claim as usual."""
+        lock = self.dir / f"{name}.break"
         try:
-            os.rename(path, moved)
+            os.close(os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            self._clear_stale_lock(lock)
+            return False  # another process is taking it over
+        try:
+            held = self.holder(name)
+            if held is not None and held.get("token") == token:
+                self.path(name).unlink(missing_ok=True)
+            return self._create(name)
+        finally:
+            lock.unlink(missing_ok=True)
+
+    def _clear_stale_lock(self, lock: Path) -> None:
+        # A break lock older than 10 s (by the filesystem's clock) was left by a process that
+        # died within those microseconds; remove it so that the claim can be taken over later.
+        try:
+            if self.fs_now() - lock.stat().st_mtime > 10:
+                lock.unlink(missing_ok=True)
         except FileNotFoundError:
-            return  # another process took it over first
-        try:
-            content = json.loads(_read(moved) or "{}")
-        except json.JSONDecodeError:
-            content = {}
-        if content.get("token") != token:  # we moved a fresh claim made meanwhile: put it back
-            try:
-                os.link(moved, path)
-            except FileExistsError:
-                pass  # its owner will find its claim gone before publishing
-        moved.unlink(missing_ok=True)
+            pass
 
     def fs_now(self) -> float:
-        """The filesystem's current time (the mtime of a file we just touched)."""
-        clock = self.dir / f".clock-{self.owner.token}-{os.getpid()}"
-        clock.touch()
-        os.utime(clock)
-        return clock.stat().st_mtime
+        """The filesystem's current time: the mtime of a file we touch, at most once a
+        second (in between, that time plus the local clock's advance)."""
+        now = time.monotonic()
+        if self._clock is None or now - self._clock[0] > 1.0:
+            clock = self.dir / f".clock-{self.owner.token}-{os.getpid()}"
+            clock.touch()
+            os.utime(clock)
+            self._clock = (now, clock.stat().st_mtime)
+        return self._clock[1] + (now - self._clock[0])
 
     # -- holding
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from latentae.encode.claims import CLAIMS
 from latentae.encode.config import EncodeConfig, JobMismatch
 from latentae.encode.plan import InputPlan, Part
 from latentae.encode.reading import RESAMPLE
-from latentae.encode.writer import part_json, write_json_atomic
+from latentae.encode.writer import TMP, part_json, write_json_atomic
 from latentae.latents.format import FORMAT, JOB, MANIFEST
 
 _NORM_FIELDS = ("scaling_factor", "shift_factor", "latents_mean", "latents_std", "sample_size")
@@ -163,9 +164,7 @@ def clear_output(out: Path) -> int:
         for p in out.glob(pattern):
             p.unlink(missing_ok=True)
             n += 1
-    claims = out / CLAIMS
-    if claims.is_dir():
-        for p in claims.iterdir():
-            p.unlink(missing_ok=True)
-        claims.rmdir()
+    for sub in (CLAIMS, TMP):
+        if (out / sub).is_dir():
+            shutil.rmtree(out / sub)
     return n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from latentae.encode.encoder import Encoder, load_tiling, precision_ran
 from latentae.encode.job import build_manifest, clear_output, create_or_check_job, job_id, job_record
 from latentae.encode.plan import InputPlan, Part, from_rank0, make_parts, plan_input
 from latentae.encode.reading import PartBatches
-from latentae.encode.writer import ShardWriter, part_done, write_json_atomic
+from latentae.encode.writer import TMP, ShardWriter, part_done, write_json_atomic
 from latentae.imageio import check_source
 from latentae.latents.format import MANIFEST
 
@@ -113,6 +114,7 @@ def encode_dataset(cfg: EncodeConfig, *, state=None, progress: bool = True) -> E
         # Whoever sees every part done writes the manifest; the content is the same for all (atomic writes).
         manifest = build_manifest(out, job, parts)
         write_json_atomic(out / MANIFEST, manifest, tmp_suffix=f".{owner.token}.tmp")
+        shutil.rmtree(out / TMP, ignore_errors=True)  # the parts' (empty) temporary folders
         result.manifest = manifest
     result.seconds = time.perf_counter() - t0
     if failed:

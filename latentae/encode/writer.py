@@ -1,12 +1,13 @@
 """Writing parts: latent shards under names unique to the writer, published by rename, json last.
 
 Files of part N (see :mod:`latentae.latents`): ``part-N-KKKK.tar`` (at most
-``shard_size`` latents each) and ``part-N.json``. A writer writes ``part-N-KKKK.tar.<token>.tmp``
-(the token is unique to the process and run, so two writers never share a file), then
-publishes: fsync, rename each tar into place, write ``part-N.json`` (atomically), fsync the
-folder, release the claim. The part is done iff its json exists and names shards that
-exist (:func:`part_done`): a process killed at any moment leaves either a done part or one
-that a re-run redoes (:func:`clear_part` removes its remains first).
+``shard_size`` latents each) and ``part-N.json``. A writer writes
+``tmp/part-N/part-N-KKKK.tar.<token>`` (the token is unique to the process and run, so two
+writers never share a file; ``tmp/`` goes once every part is done), then publishes: fsync, rename each tar into place, write
+``part-N.json`` (atomically), fsync the folder, release the claim. The part is done iff its
+json exists and names shards that exist (:func:`part_done`): a process killed at any moment
+leaves either a done part or one that a re-run redoes (:func:`clear_part` removes its
+remains first, without listing the output folder: that stays cheap with 100k files in it).
 
 :class:`ShardWriter` runs this inline or on a thread behind a bounded queue (see
 :mod:`latentae.encode.device`); an error on the thread stops the job at the loop's next step.
@@ -49,8 +50,8 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
-def write_json_atomic(path: Path, data: Any, tmp_suffix: str = ".tmp") -> None:
-    tmp = path.with_name(path.name + tmp_suffix)
+def write_json_atomic(path: Path, data: Any, tmp_suffix: str = ".tmp", tmp: Path | None = None) -> None:
+    tmp = tmp if tmp is not None else path.with_name(path.name + tmp_suffix)
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
         f.write("\n")
@@ -71,11 +72,30 @@ def part_done(out: Path, part: Part) -> bool:
     return all((out / s["file"]).is_file() for s in summary.get("shards", []))
 
 
+TMP = "tmp"
+
+
+def tmp_dir(out: Path, part: Part) -> Path:
+    return out / TMP / part.name
+
+
 def clear_part(out: Path, part: Part) -> None:
     """Remove what an unfinished attempt at ``part`` left (call while holding its claim)."""
+    listed: list[str] = []
+    try:
+        listed = [s["file"] for s in json.loads(part_json(out, part).read_text()).get("shards", [])]
+    except (OSError, json.JSONDecodeError):
+        pass
     part_json(out, part).unlink(missing_ok=True)  # first: a json naming missing shards is not done anyway
-    for pattern in (f"{part.name}-*.tar", f"{part.name}-*.tmp", f"{part.name}.json.*tmp"):
-        for p in out.glob(pattern):
+    for name in listed:
+        (out / name).unlink(missing_ok=True)
+    k = 0  # shards published before a crash, without their json: renamed in order, so 0, 1, ...
+    while (out / part.shard_name(k)).exists():
+        (out / part.shard_name(k)).unlink(missing_ok=True)
+        k += 1
+    d = tmp_dir(out, part)
+    if d.is_dir():
+        for p in d.iterdir():
             p.unlink(missing_ok=True)
 
 
@@ -96,7 +116,8 @@ class PartWriter:
     def _roll(self) -> None:
         self._close_tar()
         final = self.out / self.part.shard_name(len(self.shards))
-        tmp = final.with_name(f"{final.name}.{self.token}.tmp")
+        tmp = tmp_dir(self.out, self.part) / f"{final.name}.{self.token}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(tmp, "wb")  # noqa: SIM115 - closed in _close_tar
         self.tar = LatentTarWriter(self.file)
         self.shards.append((tmp, final, 0))
@@ -149,8 +170,11 @@ class PartWriter:
             return None
         for tmp, final, _ in self.shards:
             os.replace(tmp, final)
-        _fsync_dir(self.out)  # the shards' names are durable before the json that declares them
-        write_json_atomic(part_json(self.out, self.part), summary, tmp_suffix=f".{self.token}.tmp")
+        # No fsync of the folder between the renames and the json: if a crash kept the json's
+        # name but lost a shard's, part_done sees the missing shard and the part is redone.
+        d = tmp_dir(self.out, self.part)
+        d.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(part_json(self.out, self.part), summary, tmp=d / f"{self.part.name}.json.{self.token}")
         _fsync_dir(self.out)
         claims.release(self.part.name)
         return summary
