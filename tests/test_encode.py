@@ -627,3 +627,45 @@ def test_device_policies_without_a_gpu():
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"))
     assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert not is_out_of_memory(ValueError("expected images of shape [N, 3, H, W]"))
+
+
+def test_precision_recorded_is_what_the_engine_ran(tmp_path, vae_file, monkeypatch):
+    """job.json / manifest.json record the dtype the model's inference engine computes in
+    (not the one asked for) and how many batches it repeated in fp32."""
+    import latentae.io
+
+    real_load = latentae.io.load_vae
+
+    def load(*a, **kw):  # an engine that computes in bf16 and falls back to fp32 on every call
+        vae = real_load(*a, **kw)
+        monkeypatch.setattr(vae.inference, "compute_dtype", lambda v: torch.bfloat16)
+        plain = vae.encode
+
+        def encode(x):
+            vae.inference.retries += 1
+            return plain(x)
+
+        vae.encode = encode
+        return vae
+
+    monkeypatch.setattr(latentae.io, "load_vae", load)
+    make_images(tmp_path / "data", 5)
+    r = run_encode(vae_file[0], tmp_path / "data", tmp_path / "out", size=32, batch_size=2, shard_size=2)
+    m = r.manifest
+    assert m["job"]["precision"] == {"parameters": "fp32", "compute": "bfloat16"}
+    assert m["precision"]["fp32_fallbacks"] == 3 and [p["fp32_fallbacks"] for p in m["parts"]] == [1, 1, 1]
+    assert read_manifest(tmp_path / "out")["job"] == m["job"]
+
+
+def test_cli_usage_errors_are_one_line_with_status_2(tmp_path, vae_file, capsys):
+    main = load_tool("encode").main
+    base = ["--vae", str(vae_file[0]), "--out", str(tmp_path / "out"), "--no-progress"]
+    for argv, want in [
+        (base + ["--data", str(tmp_path / "missing")], "error: data path not found: "),
+        (base + ["--data", str(tmp_path), "--size", "0"], "error: size must be >= 1, got 0"),
+        (["--vae", str(tmp_path / "nope.safetensors"), "--data", str(tmp_path), "--out", str(tmp_path / "o")],
+         "error: no images found in "),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(want) and err.count("\n") == 1, err

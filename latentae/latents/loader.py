@@ -118,8 +118,10 @@ class LatentDataset(IterableDataset):
         self.peak_held = 0  # most samples held at once by the last in-process iteration (a memory check)
 
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch (its shard order, shuffle and draws) and start it from the beginning."""
-        self.epoch, self.start = epoch, 0
+        """Select the epoch (its shard order, shuffle and draws), from its beginning; the epoch
+        the dataset is already in keeps its position (a resumed loop may call it as usual)."""
+        if epoch != self.epoch:
+            self.epoch, self.start = epoch, 0
 
     def plan(self) -> RankPlan:
         return rank_plan(
@@ -237,6 +239,7 @@ class LatentLoader:
     the loader moves on to the next epoch. Breaking out of the loop and iterating again
     continues where it stopped. ``state_dict()`` / ``load_state_dict()`` carry that
     position across a restart (same seed, world size, batch size and shards required).
+    ``set_epoch(e)`` selects an epoch from its start, except the epoch the loader is in.
     """
 
     def __init__(self, dataset: LatentDataset, batch_size: int | None, num_workers: int = 0, pin_memory: bool = False,
@@ -270,7 +273,7 @@ class LatentLoader:
         for batch in loader:
             ds.start += len(batch["key"]) if self.batch_size is not None else 1
             yield batch
-        ds.set_epoch(ds.epoch + 1)
+        ds.set_epoch(ds.epoch + 1)  # ran to its end: the next pass is the next epoch
 
     def state_dict(self) -> dict[str, Any]:
         ds = self.dataset
