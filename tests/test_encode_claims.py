@@ -159,3 +159,13 @@ def test_two_encoders_started_together_write_every_input_once(tmp_path, vae_file
     assert read_manifest(out)["num_encoded"] == n
     assert not leftovers(out)
     assert run_encode(vae_file[0], tmp_path / "data", out, size=32, shard_size=4, batch_size=2).nothing_to_do
+
+
+def test_overwrite_is_refused_while_another_process_encodes(tmp_path, vae_file, sleeper):
+    make_images(tmp_path / "data", 2, size=(32, 32))
+    out = tmp_path / "out"
+    run_encode(vae_file[0], tmp_path / "data", out, size=32)
+    _claim_of(out, "part-000000", machine=machine_id(), pid=sleeper.pid, started=_started(sleeper.pid), token="z")
+    with pytest.raises(RuntimeError, match=r"--overwrite: another process is encoding into .* holds part-000000"):
+        run_encode(vae_file[0], tmp_path / "data", out, size=32, overwrite=True)
+    assert read_manifest(out)["num_encoded"] == 2  # untouched

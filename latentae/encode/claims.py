@@ -175,6 +175,11 @@ class Claims:
             return False, "released meanwhile"
         return age > self.timeout, f"refreshed {age:.0f}s ago (timeout {self.timeout:g}s)"
 
+    def claimable(self, name: str) -> bool:
+        """Nobody holds part ``name``, or its holder's claim is stale."""
+        held = self.holder(name)
+        return held is None or self.is_stale(name, held)[0]
+
     def _take_over(self, name: str, token: str | None) -> bool:
         """Replace the stale claim with ours, one contender at a time: under a break lock
         (``O_EXCL``, held for microseconds), check that the claim is still the one judged

@@ -72,8 +72,8 @@ _OOM_WORDS = ("out of memory", "can't allocate memory", "cannot allocate memory"
 def is_out_of_memory(e: BaseException) -> bool:
     """An allocation failure (CUDA, CPU allocator, cuBLAS/cuDNN workspaces), which a
     smaller batch can avoid -- as opposed to a device fault."""
-    oom_types = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
-    if isinstance(e, oom_types) or isinstance(e, MemoryError):
+    types = (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None), MemoryError)
+    if isinstance(e, tuple(t for t in types if t is not None)):
         return True
     return isinstance(e, RuntimeError) and any(w.lower() in str(e).lower() for w in _OOM_WORDS)
 

@@ -85,7 +85,8 @@ def load_sample(sample: RawSample, index: int, cfg: EncodeConfig, multiple_of: i
     t, meta = preprocess(img, original, cfg, name)
     h, w = t.shape[1:]
     if h % multiple_of or w % multiple_of:
-        raise BadImage(name, f"size {w}x{h} is not a multiple of {multiple_of}, and this VAE does not pad (odd_size='error')")
+        raise BadImage(name, f"size {w}x{h} is not a multiple of {multiple_of}, "
+                             "and this VAE does not pad (odd_size='error')")
     return t, {"key": sample.key, "index": index, "source": sample.source, **meta, "size": [w, h]}
 
 

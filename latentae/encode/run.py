@@ -79,10 +79,11 @@ def encode_dataset(cfg: EncodeConfig, *, state=None, progress: bool = True) -> E
         job = job_record(cfg, vae, plan, weights_hash(vae), precision_ran(vae))
         out.mkdir(parents=True, exist_ok=True)
         if cfg.overwrite:
-            busy = {k: v for k, v in claims.others().items() if claims.is_stale(k, claims.holder(k) or {})[0] is False}
+            busy = {name: who for name, who in claims.others().items() if not claims.claimable(name)}
             if busy:
-                raise RuntimeError(f"--overwrite: {out} is being encoded by another process ({next(iter(busy.values()))} "
-                                   f"holds {next(iter(busy))}); stop it first")
+                name, who = next(iter(busy.items()))
+                raise RuntimeError(f"--overwrite: another process is encoding into {out} ({who} holds {name}); "
+                                   "stop it first")
             n = clear_output(out)
             if n:
                 log.info("--overwrite: removed %d files of the previous job in %s", n, out)
@@ -137,24 +138,20 @@ def _encode_parts(cfg, vae, plan, parts, out, jid, claims, device, rank, world, 
         todo = [p for p in parts if p.name not in failed and not part_done(out, p)]
         if not todo:
             return
-        claimable = [p for p in todo if _claimable(claims, p.name)]
+        claimable = [p for p in todo if claims.claimable(p.name)]
         if claimable or first_round:
             _round(cfg, vae, plan, todo, out, jid, claims, device, rank, world, multiple_of, result, failed, show)
             first_round = False
             continue
         held = claims.others()
-        msg = f"waiting for {len(todo)} parts that other processes are encoding (e.g. {', '.join(sorted(held.values())[:2])})"
+        owners = ", ".join(sorted(set(held.values()))[:3])
+        msg = f"waiting for {len(todo)} parts that other processes are encoding ({owners})"
         if msg != announced:
             log.info(msg)
             announced = msg
         t = time.perf_counter()
         time.sleep(poll)
         result.waited_seconds += time.perf_counter() - t
-
-
-def _claimable(claims: Claims, name: str) -> bool:
-    held = claims.holder(name)
-    return held is None or claims.is_stale(name, held)[0]
 
 
 def _round(cfg, vae, plan, todo: list[Part], out, jid, claims: Claims, device, rank, world, multiple_of,
@@ -213,8 +210,7 @@ def _round(cfg, vae, plan, todo: list[Part], out, jid, claims: Claims, device, r
         if shutdown is not None:
             shutdown()
         del batches
-        open_parts = sorted(by_index[p].name for p in consumed)
-        writer.abort()
+        open_parts = sorted(set(writer.abort()) | {by_index[p].name for p in consumed})
         claims.release_all()
         if isinstance(e, EncodeFault):
             done = sum(part_done(out, p) for p in make_parts(plan, cfg.shard_size))

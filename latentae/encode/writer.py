@@ -236,8 +236,9 @@ class ShardWriter:
             self._thread.join()
         self.check()
 
-    def abort(self) -> None:
-        """Stop; discard every part not yet published (their temporaries are removed)."""
+    def abort(self) -> list[str]:
+        """Stop; discard every part not yet published (their temporaries are removed).
+        Returns their names."""
         if self._queue is not None:
             self._abort.set()
             try:
@@ -245,9 +246,11 @@ class ShardWriter:
             except queue.Full:
                 pass
             self._thread.join()
+        names = sorted(w.part.name for w in self.open_parts.values())
         for w in self.open_parts.values():
             w.discard()
         self.open_parts.clear()
+        return names
 
     # -- inline or on the thread
 

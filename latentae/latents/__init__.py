@@ -8,6 +8,7 @@ Layout of an output folder written by ``tools/encode.py`` (:mod:`latentae.encode
     DIR/part-NNNNNN.json          that part's counts, its shard files and its skipped inputs;
                                   written last: the part is done when it and its shards exist
     DIR/claims/                   which process is encoding which part (see latentae.encode.claims)
+    DIR/tmp/part-NNNNNN/          shards being written, under names unique to their writer
     DIR/manifest.json             everything above merged, written once every part is done
 
 Modules: :mod:`~latentae.latents.format` (the shard format: one sample's members, reading

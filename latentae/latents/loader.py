@@ -116,6 +116,7 @@ class LatentDataset(IterableDataset):
         self.epoch = 0
         self.start = 0  # items of this epoch already consumed (resume)
         self.peak_held = 0  # most samples held at once by the last in-process iteration (a memory check)
+        self._plan: tuple[int, RankPlan] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch (its shard order, shuffle and draws), from its beginning; the epoch
@@ -124,6 +125,12 @@ class LatentDataset(IterableDataset):
             self.epoch, self.start = epoch, 0
 
     def plan(self) -> RankPlan:
+        """This rank's plan of the current epoch (computed once per epoch: O(items) of Python)."""
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self._make_plan())
+        return self._plan[1]
+
+    def _make_plan(self) -> RankPlan:
         return rank_plan(
             self.counts,
             seed=self.seed,
