@@ -169,3 +169,27 @@ def test_overwrite_is_refused_while_another_process_encodes(tmp_path, vae_file, 
     with pytest.raises(RuntimeError, match=r"--overwrite: another process is encoding into .* holds part-000000"):
         run_encode(vae_file[0], tmp_path / "data", out, size=32, overwrite=True)
     assert read_manifest(out)["num_encoded"] == 2  # untouched
+
+
+def test_sigterm_discards_open_parts_and_releases_claims(tmp_path, vae_file):
+    """A scheduler's SIGTERM mid-run: exit 143, nothing half-written, no claim left behind."""
+    import signal
+
+    n = 120
+    make_images(tmp_path / "data", n, size=(32, 32))
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "tools" / "encode.py"), "--vae", str(vae_file[0]), "--data",
+           str(tmp_path / "data"), "--out", str(out), "--size", "32", "--shard-size", "4", "--batch-size", "2",
+           "--num-workers", "1", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while len(list(out.glob("part-??????.json"))) < 2 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    done = len(list(out.glob("part-??????.json")))
+    assert 2 <= done < 30 and not (out / "manifest.json").exists()
+    assert not leftovers(out), leftovers(out)
+    r = run_encode(vae_file[0], tmp_path / "data", out, size=32, shard_size=4, batch_size=2)
+    assert r.parts_done_before == done and sorted(s.index for s in read_all(out)) == list(range(n))
