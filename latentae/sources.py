@@ -233,7 +233,7 @@ def can_seek(url: str) -> bool:
     if url.startswith("pipe:"):
         return False
     try:
-        with open(url, "rb") as f:
+        with open(url, "rb", buffering=0) as f:  # 6 bytes, not a buffer's worth
             head = f.read(6)
     except OSError:
         return False

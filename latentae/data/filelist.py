@@ -23,6 +23,7 @@ import os
 import struct
 from array import array
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 
@@ -49,18 +50,44 @@ class FileList:
     of the list) is what ranks compare to prove they read the same files.
     """
 
-    def __init__(self, offsets: np.ndarray, blob: np.ndarray, *, root: str, digest: str | None = None):
-        self.offsets, self.blob, self.root = offsets, blob, root
+    def __init__(self, offsets: np.ndarray, blob: np.ndarray, *, root: str, digest: str | None = None,
+                 path: Path | None = None):  # fmt: skip
+        self.offsets, self.blob, self.root, self.path = offsets, blob, root, path
         self.digest = digest if digest is not None else _digest(offsets, blob)
+        # Plain views for lookups: indexing an np.memmap is ~4x slower than an ndarray.
+        self._off, self._bytes = np.asarray(offsets), memoryview(np.asarray(blob))
+
+    def __getstate__(self) -> dict:
+        # A worker started by "spawn" gets the list pickled: a stored list travels as its
+        # path and is mapped again (not copied into every worker).
+        if self.path is not None:
+            return {"path": str(self.path), "root": self.root, "digest": self.digest}
+        return {"offsets": self._off.tobytes(), "blob": self._bytes.tobytes(), "root": self.root, "digest": self.digest}
+
+    def __setstate__(self, state: dict) -> None:
+        if "path" in state:
+            other = FileList.open(state["path"], verify=False)
+            if other.digest != state["digest"]:
+                raise ValueError(f"file list {state['path']} changed while in use")
+        else:
+            off, blob = np.frombuffer(state["offsets"], "<u8"), np.frombuffer(state["blob"], np.uint8)
+            other = FileList(off, blob, root=state["root"], digest=state["digest"])
+        self.__dict__.update(other.__dict__)
 
     # -- making one ----------------------------------------------------------------------
 
     @classmethod
     def scan(cls, root: str | Path) -> "FileList":
         """List ``root`` (see :func:`walk_images`) into memory."""
+        return cls.from_paths(walk_images(root), root)
+
+    @classmethod
+    def from_paths(cls, paths: Iterable[str], root: str | Path) -> "FileList":
+        """A list of the given relative paths (in the given order), built without holding
+        them as Python objects."""
         blob = bytearray()
         offsets = array("Q", [0])  # 8 bytes per entry, no Python object per file
-        for rel in walk_images(root):
+        for rel in paths:
             blob += os.fsencode(rel)  # UTF-8; undecodable names keep their bytes
             offsets.append(len(blob))
         # frombuffer: views of the two buffers, no copy
@@ -109,7 +136,7 @@ class FileList:
                 f"file list {path} is damaged: {size} bytes, expected {start + 8 * (n + 1) + blob_bytes} for {n} files"
             )
         blob = np.memmap(path, dtype=np.uint8, mode="r", offset=start + 8 * (n + 1), shape=(blob_bytes,))
-        fl = cls(offsets, blob, root=meta["root"], digest=meta["digest"])
+        fl = cls(offsets, blob, root=meta["root"], digest=meta["digest"], path=path)
         if verify and _digest(offsets, blob) != meta["digest"]:
             raise ValueError(f"file list {path} is damaged: its content does not match its digest")
         return fl
@@ -123,8 +150,8 @@ class FileList:
         if not -len(self) <= i < len(self):
             raise IndexError(f"file list index {i} out of range for {len(self)} files")
         i %= len(self)
-        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
-        return os.fsdecode(self.blob[a:b].tobytes())
+        a, b = self._off[i : i + 2].tolist()
+        return os.fsdecode(self._bytes[a:b].tobytes())
 
     def nbytes(self) -> int:
         """Bytes the list occupies (mapped or in memory)."""

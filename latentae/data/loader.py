@@ -189,6 +189,12 @@ def open_file_list(path: str, file_list: FileList | str | Path | None) -> FileLi
 
 
 def _check_identity(kind: str, saved: dict, layout: dict) -> None:
+    missing = [k for k in IDENTITY[kind] if k not in saved and k in layout]
+    if missing and saved.get("kind") == kind:
+        raise ValueError(
+            f"the saved loader state has no {missing}: it was written by an older latentae, whose data position "
+            "cannot be restored. Start the data stream afresh by not passing the saved loader state."
+        )
     diffs = [f"{k}: saved {saved.get(k)!r}, now {layout[k]!r}" for k in IDENTITY[kind] if saved.get(k) != layout[k]]
     if diffs:
         raise ValueError(
@@ -215,6 +221,7 @@ def _exact(state: dict, layout: dict, fresh: dict) -> dict:
 def _resume(states: list[dict] | None, state: dict | None, layout: dict, fresh: dict, rank: int) -> tuple[dict, list[dict] | None]:
     """(this rank's state, the old states when the layout changed: elastic) or (fresh, None)."""
     if state is not None:
+        _check_identity(layout["kind"], state, layout)
         return _exact(state, layout, fresh), None
     if not states:
         return fresh, None
