@@ -3,9 +3,10 @@
 Image *sources* (folders, WebDataset shards, ``pipe:`` commands) live in
 ``latentae.sources``; their names are re-exported here, so ``from latentae.imageio
 import iter_source`` keeps working. Everything here is generic: training
-(``latentae.data``) and dataset encoding both build on it. Errors follow one rule: a bad *sample* raises :class:`BadImage` from the
-decoder and is skipped (counted, named) by whoever reads; a bad *source* (missing
-path, no images at all) raises ``FileNotFoundError`` / ``ValueError`` at start-up.
+(``latentae.data``) and dataset encoding both build on it. Errors follow one rule: a
+bad *sample* raises :class:`BadImage` from the decoder and is skipped (counted, named)
+by whoever reads; a bad *source* (missing path, no images at all) raises
+``FileNotFoundError`` / ``ValueError`` at start-up.
 """
 
 from __future__ import annotations

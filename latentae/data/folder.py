@@ -148,5 +148,6 @@ def elastic_folder_position(states: list[dict], n: int) -> tuple[int, int, int, 
     used = start + offset * len(states)
     note = f"epoch {epoch}: {used} of {n} images used, the rest dealt to the new ranks"
     if len(set(offsets)) > 1:
-        note += f" (ranks had consumed {sorted(set(offsets))} samples: up to {(max(offsets) - offset) * len(states)} repeat)"
+        repeat = (max(offsets) - offset) * len(states)
+        note += f" (ranks had consumed {sorted(set(offsets))} samples: up to {repeat} repeat)"
     return epoch, 0, min(used, n), note

@@ -154,7 +154,9 @@ def _check_sizes(cfg: DataConfig, probes: list[tuple[str, tuple[int, int]]], whe
         f"{min(w, h)} px, {name} {w}x{h})"
     )
     if cfg.small_images == "skip":
-        raise ValueError(f"{what}, and data.small_images=skip: lower data.resolution or allow data.small_images=upscale or pad")
+        raise ValueError(
+            f"{what}, and data.small_images=skip: lower data.resolution or allow data.small_images=upscale or pad"
+        )
     log.warning("%s: they will be %s (data.small_images=%s)", what,
                 "upscaled" if cfg.small_images == "upscale" else "padded", cfg.small_images)  # fmt: skip
 
@@ -218,7 +220,9 @@ def _exact(state: dict, layout: dict, fresh: dict) -> dict:
     return {k: copy.deepcopy(state[k]) for k in fresh}
 
 
-def _resume(states: list[dict] | None, state: dict | None, layout: dict, fresh: dict, rank: int) -> tuple[dict, list[dict] | None]:
+def _resume(
+    states: list[dict] | None, state: dict | None, layout: dict, fresh: dict, rank: int
+) -> tuple[dict, list[dict] | None]:
     """(this rank's state, the old states when the layout changed: elastic) or (fresh, None)."""
     if state is not None:
         _check_identity(layout["kind"], state, layout)

@@ -226,8 +226,11 @@ class SlotStream:
                 self.emitted += 1
                 return self.epoch, item[1]
             if self.emitted == 0 and self.plan is None:
-                why = "; ".join(f"{a}: {b}" for a, b in self.errors[:3]) or "no image members, or all held out for validation"
-                raise RuntimeError(f"{self.name}: epoch {self.epoch} of {len(self.urls)} shards gave no image sample ({why})")
+                why = "; ".join(f"{a}: {b}" for a, b in self.errors[:3])
+                raise RuntimeError(
+                    f"{self.name}: epoch {self.epoch} of {len(self.urls)} shards gave no image sample "
+                    f"({why or 'no image members, or all held out for validation'})"
+                )
             self._begin_epoch(self.epoch + 1, None)
 
     def close(self) -> None:
