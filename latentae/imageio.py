@@ -1,39 +1,41 @@
-"""Reading images: decoding any common file to 8-bit RGB, and walking image sources.
+"""Reading images: decoding any common file to 8-bit RGB (and the uint8 resize).
 
-A *source* is either an image folder (searched recursively) or a set of WebDataset
-tar shards (a local path, a brace pattern ``data/shard-{000000..000009}.tar`` or a
-``pipe:`` command such as ``pipe:aws s3 cp s3://bucket/shard-000.tar -``).
-
-Everything here is generic: training (``latentae.data``) and dataset encoding both
-build on it. Errors follow one rule: a bad *sample* raises :class:`BadImage` from the
-decoder and is skipped (counted, named) by whoever reads; a bad *source* (missing
-path, no images at all) raises ``FileNotFoundError`` / ``ValueError`` at start-up.
+Image *sources* (folders, WebDataset shards, ``pipe:`` commands) live in
+``latentae.sources``; their names are re-exported here, so ``from latentae.imageio
+import iter_source`` keeps working. Everything here is generic: training
+(``latentae.data``) and dataset encoding both build on it. Errors follow one rule: a
+bad *sample* raises :class:`BadImage` from the decoder and is skipped (counted, named)
+by whoever reads; a bad *source* (missing path, no images at all) raises
+``FileNotFoundError`` / ``ValueError`` at start-up.
 """
 
 from __future__ import annotations
 
 import io
-import logging
-import os
-import subprocess
-import tarfile
-import tempfile
 import warnings
-from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, TypeVar
 
-import braceexpand  # a dependency of webdataset
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
-
-IMAGE_EXTENSIONS: tuple[str, ...] = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff")
+# Re-exported: the source-reading half of the data layer (see latentae.sources).
+from latentae.sources import (  # noqa: F401
+    IMAGE_EXTENSIONS,
+    RawSample,
+    ShardPos,
+    can_seek,
+    check_source,
+    expand_shards,
+    folder_key,
+    has_image_extension,
+    is_shard_source,
+    iter_shard,
+    iter_source,
+    list_images,
+    split_for_worker,
+    walk_images,
+)
 
 # Image.MAX_IMAGE_PIXELS is deliberately left at PIL's default (~89 Mpx warns, 2x that
 # raises DecompressionBombError): a training set has no business holding gigapixel
@@ -180,277 +182,3 @@ def image_size(data: bytes | str | Path, name: str) -> tuple[int, int]:
     except Exception as e:  # noqa: BLE001 - any header failure means "not usable"
         raise BadImage(name, f"cannot read image header: {e}") from e
     return (h, w) if orientation in _TRANSPOSING else (w, h)
-
-
-# ----------------------------------------------------------------------------- sources
-
-
-def has_image_extension(name: str) -> bool:
-    """``photo.JPG`` / ``seg.png`` / ``png`` (a webdataset extension) -> True."""
-    return name.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS
-
-
-def list_images(root: str | Path) -> list[Path]:
-    """All image files under ``root`` (recursive, symlinked folders followed), sorted
-    by their path relative to ``root`` so the order is the same on every machine.
-
-    Hidden files and folders (name starting with '.') are skipped: macOS leaves
-    ``._photo.jpg`` AppleDouble files next to every photo on non-Apple disks, which
-    have an image extension but are not images.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder not found: {root}")
-    found: list[tuple[str, Path]] = []
-    seen_dirs: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        real = os.path.realpath(dirpath)
-        if real in seen_dirs:  # a symlink loop, or the same folder linked twice
-            dirnames[:] = []
-            continue
-        seen_dirs.add(real)
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for f in filenames:
-            if not f.startswith(".") and "." in f and has_image_extension(f):
-                p = Path(dirpath) / f
-                found.append((p.relative_to(root).as_posix(), p))
-    found.sort(key=lambda t: t[0])
-    return [p for _, p in found]
-
-
-def is_shard_source(path: str) -> bool:
-    """True for ``pipe:`` URLs, brace patterns and tar files; False for folders."""
-    if path.startswith("pipe:"):
-        return True
-    if os.path.isdir(path):
-        return False
-    return "{" in path or path.endswith((".tar", ".tar.gz", ".tgz"))
-
-
-def expand_shards(pattern: str) -> list[str]:
-    """Brace-expand a shard pattern and check that local shards exist.
-
-    ``data/shard-{000..009}.tar`` -> 10 paths; ``pipe:cat a-{0..1}.tar`` -> 2 commands.
-    Several patterns may be joined with '::' (as in webdataset).
-    """
-    urls: list[str] = []
-    for part in pattern.split("::"):
-        urls.extend(braceexpand.braceexpand(part.strip()))
-    urls = [u for u in urls if u]
-    if not urls:
-        raise ValueError(f"shard pattern '{pattern}' expands to no shards")
-    for u in urls:
-        if "://" in u.split(" ", 1)[0] and not u.startswith("pipe:"):
-            raise ValueError(f"unsupported shard URL '{u}': use a local path or a pipe: command (e.g. 'pipe:curl -s {u}')")
-    missing = [u for u in urls if not u.startswith("pipe:") and not os.path.isfile(u)]
-    if missing:
-        more = f" (and {len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(
-            f"{len(missing)} of {len(urls)} shards of '{pattern}' not found: {', '.join(missing[:3])}{more}"
-        )
-    return urls
-
-
-@dataclass(frozen=True)
-class RawSample:
-    """One undecoded image: ``key`` (folder: path relative to the root without the
-    extension; shards: webdataset ``__key__``), ``source`` (file path, or
-    ``shard_url:member_name``) and the file's ``data`` bytes."""
-
-    key: str
-    source: str
-    data: bytes
-
-
-def _split_key(member: str) -> tuple[str, str] | None:
-    """webdataset's convention: ``dir/abc.seg.png`` -> key ``dir/abc``, ext ``seg.png``."""
-    slash = member.rfind("/")
-    base = member[slash + 1 :]
-    dot = base.find(".")
-    if dot <= 0:
-        return None
-    return member[: slash + 1 + dot], base[dot + 1 :]
-
-
-class _ShardStream:
-    """Open a local tar file or a ``pipe:`` command as a byte stream.
-
-    Stopping early kills the command (it could block forever on a full pipe), and a
-    command that fails is reported with the tail of its stderr.
-    """
-
-    def __init__(self, url: str):
-        self.proc: subprocess.Popen | None = None
-        if url.startswith("pipe:"):
-            # stderr goes to a file, not a pipe: a chatty command must not block on it.
-            self.err = tempfile.TemporaryFile()
-            self.proc = subprocess.Popen(url[len("pipe:") :], shell=True, stdout=subprocess.PIPE, stderr=self.err)
-            self.stream = self.proc.stdout
-        else:
-            self.stream = open(url, "rb")  # noqa: SIM115 - closed in close()
-
-    def close(self, finished: bool, grace: float = 0.0) -> str | None:
-        """Close; return why the command failed, if it did (not when we stopped it).
-
-        ``finished``: the tar was read to its end. Otherwise the command gets
-        ``grace`` seconds to exit on its own (after a read error it usually has
-        just failed, and its message is the useful one) before it is killed.
-        """
-        self.stream.close()
-        if self.proc is None:
-            return None
-        if not finished:
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()  # we stopped early: its exit status means nothing
-                self.proc.wait()
-                self.err.close()
-                return None
-        rc = self.proc.wait()
-        self.err.seek(0)
-        tail = self.err.read()[-500:].decode(errors="replace").strip()
-        self.err.close()
-        if rc != 0:
-            return f"command exited with status {rc}" + (f": {tail}" if tail else "")
-        return None
-
-
-def _log_error(name: str, reason: str) -> None:
-    log.warning("skipping %s: %s", name, reason)
-
-
-def iter_shard(url: str, on_error: Callable[[str, str], None] = _log_error) -> Iterator[RawSample]:
-    """Image samples of one tar shard, in tar order, one per webdataset key.
-
-    A sample is a run of consecutive members sharing a key; its image is its first
-    member with an image extension (other members, e.g. captions, are ignored, and
-    a sample with no image is not an image sample). A shard that cannot be read, or
-    breaks off, is reported through ``on_error`` and ends; samples before are kept.
-    """
-    try:
-        stream = _ShardStream(url)
-    except OSError as e:
-        on_error(url, f"cannot open shard: {e}")
-        return
-    finished, error = False, None
-    try:
-        tf = tarfile.open(fileobj=stream.stream, mode="r|*")
-        current: str | None = None  # key of the sample being read
-        have_image = False
-        for member in tf:
-            if not member.isfile():
-                continue
-            split = _split_key(member.name)
-            if split is None:
-                continue
-            key, ext = split
-            if key != current:
-                current, have_image = key, False
-            if have_image or not has_image_extension(ext):
-                continue
-            f = tf.extractfile(member)
-            data = f.read() if f is not None else b""
-            have_image = True
-            yield RawSample(key=key, source=f"{url}:{member.name}", data=data)
-        finished = True
-    except (tarfile.TarError, OSError, EOFError) as e:
-        error = f"shard unreadable or cut short: {e}"
-    finally:
-        # GeneratorExit (the consumer stopped early) lands here too, with error None.
-        command_error = stream.close(finished, grace=2.0 if error else 0.0)
-        if error or command_error:
-            on_error(url, "; ".join(m for m in (error, command_error) if m))
-
-
-def split_for_worker(items: Iterable[T]) -> Iterator[T]:
-    """The part of ``items`` for the current DataLoader worker (all of it outside workers):
-    worker w of W takes items w, w+W, w+2W, ..."""
-    from torch.utils.data import get_worker_info  # local: keep this module torch-free to import
-
-    info = get_worker_info()
-    if info is None:
-        return iter(items)
-    return islice(items, info.id, None, info.num_workers)
-
-
-def check_source(path: str) -> list[Path] | list[str]:
-    """Validate a source at start-up: the sorted image files of a folder, or the
-    expanded shard URLs. Raises FileNotFoundError / ValueError with a clear message."""
-    if not path:
-        raise ValueError("no data path given (an image folder, a shard pattern or a pipe: URL)")
-    if is_shard_source(path):
-        return expand_shards(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data path not found: {path}")
-    if not os.path.isdir(path):
-        raise ValueError(
-            f"data path {path} is a file, not an image folder or a .tar shard (shards must end in .tar/.tar.gz/.tgz)"
-        )
-    files = list_images(path)
-    if not files:
-        raise ValueError(
-            f"no images found in {os.path.abspath(path)} (searched recursively for "
-            f"{', '.join('.' + e for e in IMAGE_EXTENSIONS)}, any case; hidden files skipped)"
-        )
-    return files
-
-
-def folder_key(root: str | Path, file: Path) -> str:
-    """Key of a folder image: its path relative to ``root`` without the extension."""
-    rel = file.relative_to(root).as_posix()
-    return rel.rsplit(".", 1)[0]
-
-
-def iter_source(
-    path: str,
-    *,
-    rank: int = 0,
-    world_size: int = 1,
-    on_error: Callable[[str, str], None] = _log_error,
-) -> Iterator[RawSample]:
-    """Every image sample of ``path`` exactly once, in a stable order: the part for
-    ``rank`` of ``world_size`` (disjoint across ranks; together, everything).
-
-    Folders split by file (file i goes to rank i % world_size). Shards split by shard
-    when there are at least ``world_size`` of them, else by sample (every rank reads
-    every shard and keeps sample i where i % world_size == rank). To split further
-    across DataLoader workers, pass ``rank = rank * num_workers + worker_id`` and
-    ``world_size = world_size * num_workers``.
-
-    Unreadable files/shards go to ``on_error(name, reason)`` (default: a logged
-    warning) and are skipped; decoding is left to the caller (``decode_image``).
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
-    found = check_source(path)
-    if not is_shard_source(path):
-        files = [Path(p) for p in found]
-        keys = [folder_key(path, f) for f in files]
-        dup = _first_duplicate(keys, files)
-        if dup:
-            raise ValueError(f"two images in {path} share the key '{dup[0]}': {dup[1]} and {dup[2]}; rename one")
-        for f, key in islice(zip(files, keys), rank, None, world_size):
-            try:
-                data = f.read_bytes()
-            except OSError as e:
-                on_error(str(f), f"cannot read file: {e.strerror or e}")
-                continue
-            yield RawSample(key=key, source=str(f), data=data)
-        return
-    urls = [str(u) for u in found]
-    if len(urls) >= world_size:
-        for url in urls[rank::world_size]:
-            yield from iter_shard(url, on_error)
-    else:
-        samples = (s for url in urls for s in iter_shard(url, on_error))
-        yield from islice(samples, rank, None, world_size)
-
-
-def _first_duplicate(keys: list[str], files: list[Path]) -> tuple[str, Path, Path] | None:
-    seen: dict[str, Path] = {}
-    for k, f in zip(keys, files):
-        if k in seen:
-            return k, seen[k], f
-        seen[k] = f
-    return None

@@ -331,7 +331,7 @@ class Trainer:
         try:
             self.loader = build_train_loader(
                 cfg.data, tc.batch_size, seed=tc.seed, rank=self.rank, world_size=self.world,
-                state=rank_state["loader"] if rank_state else None,
+                resume_states=self._read_loader_states(manifest) if self.start_ckpt else None,
             )  # fmt: skip
         except (OSError, ValueError) as e:
             raise StartupError(f"data: {e}") from e
@@ -465,6 +465,15 @@ class Trainer:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise StartupError(f"cannot read {path}: {e}") from e
+
+    def _read_loader_states(self, manifest: dict) -> list[dict]:
+        """Every saved rank's data position, in rank order: the data layer continues exactly
+        from this rank's when the layout is unchanged, elastically from all of them if not."""
+        paths = [self.start_ckpt / f"rank-{r}.pt" for r in range(int(manifest["world_size"]))]
+        try:
+            return [torch.load(p, map_location="cpu", weights_only=True)["loader"] for p in paths]
+        except Exception as e:
+            raise StartupError(f"cannot read the data positions in {self.start_ckpt}: {e}") from e
 
     def _load_checkpoint(self, ckpt: Path, manifest: dict, vae, disc, vae_opt, disc_opt) -> dict | None:
         """Weights and optimizer states into the (not yet prepared) modules; returns the EMA state."""

@@ -315,8 +315,8 @@ def test_crop_larger_than_every_image(tmp_path):
     folder = make_folder(tmp_path / "f", 6)  # 30x24 images
     shards = make_shards(tmp_path / "s", 2, 3)
     for path in [str(folder), shards]:
-        cfg = DataConfig(path=path, resolution=32, resize_shorter=False, num_workers=0, num_val=1)
-        with pytest.raises(ValueError, match=r"resolution=32 is larger than every image .*shorter side is 24 px"):
+        cfg = DataConfig(path=path, resolution=32, resize_shorter=False, small_images="skip", num_workers=0, num_val=1)
+        with pytest.raises(ValueError, match=r"resolution=32 .* larger than every image probed .*shorter side is 24 px"):
             build_train_loader(cfg, 2, seed=0)
         # Resizing the shorter side makes any image usable, upscaling if needed.
         batch = take(build_train_loader(DataConfig(path=path, resolution=32, num_workers=0, num_val=1), 2, seed=0), 1)
@@ -326,11 +326,11 @@ def test_crop_larger_than_every_image(tmp_path):
 def test_small_images_among_big_ones_are_skipped(tmp_path):
     folder = make_folder(tmp_path / "f", 4)
     noise(7, 10, 10).save(folder / "tiny.png")
-    cfg = DataConfig(path=str(folder), resolution=20, resize_shorter=False, num_workers=0, num_val=0)
+    cfg = DataConfig(path=str(folder), resolution=20, resize_shorter=False, small_images="skip", num_workers=0, num_val=0)
     batches = take(build_train_loader(cfg, 5, seed=0), 1)
     assert batches[0]["image"].shape == (4, 3, 20, 20)
     ((name, reason),) = batches[0]["skipped"]
-    assert name.endswith("tiny.png") and "smaller than the 20px crop" in reason
+    assert name.endswith("tiny.png") and "smaller than the 20px crop" in reason and "small_images=skip" in reason
 
 
 # ----------------------------------------------------------------------------- training loader
