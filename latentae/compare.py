@@ -78,8 +78,8 @@ class CompareConfig:
     max_images: int | None = None
     max_report_images: int = 24  # gallery entries (thumbnails, crops, heat maps) kept in memory
     thumb_size: int = 256  # longer side of gallery thumbnails, pixels
-    # Thumbnails and error maps: JPEG q90 without chroma subsampling (4:4:4) keeps a 24-image
-    # report at a few MB and VAE artefacts visible; zoomed crops and latents stay lossless PNG.
+    # Gallery thumbnails: JPEG q90 without chroma subsampling keeps VAE artefacts visible and a
+    # 24-image report at ~4 MB (16 MB as PNG); heat maps at q<=75; zoomed crops and latents PNG.
     thumb_format: Literal["jpeg", "webp", "png"] = "jpeg"
     thumb_quality: int = 90
     zoom_size: int = 64  # side of the zoomed crop where the error is largest, image pixels

@@ -15,8 +15,8 @@ learns its latents. Two cheap proxies for the second, from the 2025 literature:
   ``equivariance_psnr`` is the PSNR of ``decode(T(z))`` against ``T(x)``.
 
 Everything here is a plain tensor function; the training losses use the very same
-operators (``downsample``, ``rotate90``, ``scale_pair``, ``rotation_pair``) so that what
-is trained for is what is measured.
+operators (``downsample``, ``rotate90``, ``scale_pair``, ``resize_pair``, ``rotation_pair``)
+so that what is trained for is what is measured.
 
 Conventions and the reasons for them:
 
@@ -28,9 +28,9 @@ Conventions and the reasons for them:
   uses; for f = 4 plain bilinear would read only 2 of every 4 pixels per axis (aliasing),
   area still reads all. Sizes that are not a multiple of f are cropped on the
   bottom/right to the largest multiple first (never padded: padding would invent content
-  the target then demands). ``resize_area`` is the same block mean for non-integer scales
-  (EQ-VAE's random scales); there the latent's and the image's windows can differ by up
-  to one pixel at the edges.
+  the target then demands). ``resize_area`` / ``resize_pair`` are the same block mean for
+  non-integer scales (EQ-VAE's random scales); there the windows (floor/ceil of the
+  fractional edges) of latent and image can differ by up to one pixel.
 * **Latent / image alignment.** A VAE reflect-pads images whose side is not a multiple of
   its factor F; the last latent row/column then partly describes padding. The pairs
   (``scale_pair``, ``rotation_pair``, ``image_at_latent_size``) keep only the latent
@@ -125,6 +125,14 @@ def scale_pair(z: torch.Tensor, x: torch.Tensor, factor: int, vae_factor: int) -
     z = crop_to_multiple(z, factor)
     x = x[..., : z.shape[-2] * vae_factor, : z.shape[-1] * vae_factor]
     return downsample(z, factor), downsample(x, factor)
+
+
+def resize_pair(z: torch.Tensor, x: torch.Tensor, size: tuple[int, int], vae_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pair for a non-integer scale (EQ-VAE's random scales): the covered latent
+    area-resized to ``size`` (h, w) and the image to ``vae_factor`` x that. Equals
+    ``scale_pair`` when the scale is an integer that divides both sides."""
+    z, x = covered(z, x, vae_factor)
+    return resize_area(z, size), resize_area(x, (size[0] * vae_factor, size[1] * vae_factor))
 
 
 def rotation_pair(z: torch.Tensor, x: torch.Tensor, k: int, vae_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -274,5 +282,5 @@ def area_share_above(h: int, w: int, cutoff: float = HALF_NYQUIST) -> float:
 __all__ = [
     "BINS_PER_NYQUIST", "HALF_NYQUIST", "area_share_above", "covered", "crop_to_multiple", "dct_matrix", "dct_power",
     "downsample", "equivariance_psnr", "high_frequency_share", "image_at_latent_size", "radial_bins",
-    "radial_frequency", "radial_power_spectrum", "resize_area", "rotate90", "rotation_pair", "scale_pair", "transform_pair",
+    "radial_frequency", "radial_power_spectrum", "resize_area", "resize_pair", "rotate90", "rotation_pair", "scale_pair", "transform_pair",
 ]

@@ -56,7 +56,7 @@ class SpectrumStats:
         self.channels, self.factor, self.bins_per_nyquist = channels, downsample_factor, bins_per_nyquist
         self.freq = dif.radial_bins(2, 2, bins_per_nyquist)[1]
         nb = self.freq.numel()
-        self.images = self.with_images = 0
+        self.images = self.with_images = self.with_mean = 0
         self.curve_sum = {k: torch.zeros(nb, dtype=torch.float64) for k in ("latent", "image")}
         self.curve_n = {k: torch.zeros(nb, dtype=torch.float64) for k in ("latent", "image")}
         self.share_sum = {k: 0.0 for k in ("latent", "latent_posterior_mean", "image")}
@@ -83,6 +83,7 @@ class SpectrumStats:
         self._add_curve("latent", z)
         if z_mean is not None:
             out["hf_share_posterior_mean"] = dif.high_frequency_share(z_mean)
+            self.with_mean += z_mean.shape[0]
             self.share_sum["latent_posterior_mean"] += out["hf_share_posterior_mean"].sum().item()
         if images is not None:
             ref = dif.image_at_latent_size(images_c.float(), self.factor).cpu()
@@ -104,7 +105,7 @@ class SpectrumStats:
             "images": self.images,
             "latent": curve("latent"),
             "hf_share": self.share_sum["latent"] / self.images,
-            "hf_share_posterior_mean": self.share_sum["latent_posterior_mean"] / self.images,
+            "hf_share_posterior_mean": self.share_sum["latent_posterior_mean"] / self.with_mean if self.with_mean else None,
             "hf_share_per_channel": (self.channel_share_sum / self.images).tolist(),
             "image": curve("image") if self.with_images else None,
             "hf_share_image": self.share_sum["image"] / self.with_images if self.with_images else None,

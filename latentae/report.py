@@ -2,8 +2,9 @@
 
 Nothing is fetched over the network when the page opens: every image is a base64 data
 URI (thumbnails and error maps JPEG by default, zoomed crops and latents PNG), the plots
-are inline SVG (``latentae.report_plots``) and the CSS / JS are inline. The page carries the comparison as a JSON blob
-(``<script type="application/json" id="report-data">``) and its script builds all the
+are inline SVG drawn in Python (``latentae.report_plots``), and the CSS / JS are inline.
+The page carries the comparison as a JSON blob
+(``<script type="application/json" id="report-data">``) and its script builds the
 tables and the gallery from it; clicking a column header sorts the table (and the
 per-image table's order drives the gallery's, so "sort by PSNR of vae B, ascending"
 puts the worst reconstructions first).
@@ -38,19 +39,20 @@ def png_data_uri(arr: np.ndarray) -> str:
     return image_data_uri(arr, "png")
 
 
-def image_data_uri(arr: np.ndarray, fmt: str = "png", quality: int = 90) -> str:
+def image_data_uri(arr: np.ndarray, fmt: str = "png", quality: int = 90, chroma_subsampling: bool = False) -> str:
     """uint8 ``[H, W]`` or ``[H, W, 3]`` -> a ``data:image/...;base64`` URI.
 
-    ``jpeg`` is saved without chroma subsampling (4:4:4): a VAE's colour artefacts are
-    what the page is for, and 4:2:0 would smear them (and add its own). ``webp`` lossy
-    always subsamples chroma; ``png`` is lossless (a 256 px photo thumbnail ~150 kB vs ~30 kB).
+    ``jpeg`` is saved without chroma subsampling (4:4:4) unless asked: a VAE's colour
+    artefacts are what the page is for, and 4:2:0 would smear them (and add its own).
+    ``webp`` lossy always subsamples chroma; ``png`` is lossless (a 256 px photo
+    thumbnail ~150 kB vs ~30 kB as JPEG q90).
     """
     buf = io.BytesIO()
     img = Image.fromarray(arr)
     if fmt == "png":
         img.save(buf, format="PNG", optimize=False, compress_level=6)
     elif fmt == "jpeg":
-        img.save(buf, format="JPEG", quality=quality, subsampling=0)
+        img.save(buf, format="JPEG", quality=quality, subsampling=2 if chroma_subsampling else 0)
     elif fmt == "webp":
         img.save(buf, format="WEBP", quality=quality, method=4)
     else:
@@ -126,7 +128,10 @@ def gallery_entry(
     """One gallery card's pictures: the original ``[3, H, W]`` and every reconstruction
     (thumbnails in ``fmt``), their error heat maps on one shared scale, the zoomed crop
     where the summed error is largest (lossless PNG: native pixels, to judge artefacts),
-    and each VAE's latent channels ``[C, h, w]`` (PNG)."""
+    and each VAE's latent channels ``[C, h, w]`` (PNG). Heat maps are a colour scale, not
+    a photo, and noisy (they were half of a JPEG report's bytes at q90): lossy formats
+    store them at quality <= 75 with chroma subsampling (1.1 instead of 2.9 MB for 24
+    images and 2 VAEs)."""
     errs = {n: (r - x).abs().mean(0) for n, r in recons.items()}  # [H, W] in [-1, 1] units
     total = torch.stack(list(errs.values())).sum(0)
     y0, x0, s = worst_window(total, zoom_size)
@@ -147,7 +152,7 @@ def gallery_entry(
         out["vaes"][n] = {
             "recon": thumb(rec),
             "crop": png_data_uri(rec[y0 : y0 + s, x0 : x0 + s]),
-            "heat": thumb(heatmap(errs[n].numpy(), vmax)),
+            "heat": image_data_uri(thumbnail(heatmap(errs[n].numpy(), vmax), thumb_size), fmt, min(quality, 75), True),
             "latent": png_data_uri(latent_grid(latents[n])),
         }
     return out

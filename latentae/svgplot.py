@@ -226,7 +226,7 @@ class Figure:
         self._marks.append(("box", float(i), *st, color, width))
 
     def strip(self, i: float, values: Sequence[float], *, color: str, titles: Sequence[str] | None = None,
-              width: float = 0.6, max_points: int = 1500, r: float = 2.6):
+              width: float = 0.6, max_points: int = 800, r: float = 2.6):
         """Every value as a jittered point at category ``i`` (evenly thinned beyond ``max_points``)."""
         idx = [k for k, x in enumerate(values) if _finite(x)]
         if len(idx) > max_points:

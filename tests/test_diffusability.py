@@ -114,6 +114,11 @@ def test_pairs_stay_aligned_on_padded_and_odd_sizes():
     assert zs.shape[-2:] == (8, 5) and xs.shape[-2:] == (32, 20)  # decode(zs) is 4x zs: the target's size
     torch.testing.assert_close(xs, d.downsample(x[..., :64, :40], 2))
     torch.testing.assert_close(zs, d.downsample(z[..., :16, :10], 2))
+    zp, xp = d.resize_pair(z[..., :16, :10], x[..., :64, :40], (8, 5), 4)
+    torch.testing.assert_close(zp, zs)
+    torch.testing.assert_close(xp, xs)
+    zp, xp = d.resize_pair(z, x, (11, 7), 4)  # a non-integer scale (16 x 11 -> 11 x 7): sizes stay aligned
+    assert zp.shape[-2:] == (11, 7) and xp.shape[-2:] == (44, 28)
     zr, xr = d.rotation_pair(z, x, 1, 4)
     assert zr.shape[-2:] == (11, 16) and xr.shape[-2:] == (44, 64)
     torch.testing.assert_close(xr, torch.rot90(x[..., :64, :44], 1, (-2, -1)))
@@ -183,6 +188,7 @@ def test_latent_stats_spectrum_summary_with_images():
     s.update(post, torch.zeros_like(z), images=x)  # a constant latent: share 0
     r = s.result()["spectrum"]
     assert r["images"] == 2 and r["hf_share"] == pytest.approx(0.1, abs=1e-6)
+    assert r["hf_share_posterior_mean"] == pytest.approx(0.2, abs=1e-6)  # the posterior mean stayed the cosines
     assert r["hf_share_per_channel"] == pytest.approx([0.0, 0.5], abs=1e-6)
     assert r["hf_share_image"] == pytest.approx(ramp_share)
     assert len(r["freq"]) == len(r["latent"]) == len(r["image"]) and r["cutoff"] == 0.5
