@@ -61,9 +61,9 @@ def diffusability_metrics(scales: Sequence[int] = (2, 4), rotation: bool = True)
         MetricSpec("hf_share_image", "image HF share", False, 3, "the same for the image at the latent size: the reference", rank=False, group=g),
     ]
     for s in scales:
-        out.append(MetricSpec(f"eq_down{s}_psnr", f"PSNR 1/{s} dB", True, 2, f"PSNR of decode(down{s}(z)) vs down{s}(x), area downsampling", group=g))
+        out.append(MetricSpec(f"eq_down{s}_psnr", f"eq-PSNR 1/{s} dB", True, 2, f"PSNR of decode(down{s}(z)) vs down{s}(x), area downsampling", group=g))
     if rotation:
-        out.append(MetricSpec("eq_rot90_psnr", "PSNR rot90 dB", True, 2, "PSNR of decode(rot90(z)) vs rot90(x)", group=g))
+        out.append(MetricSpec("eq_rot90_psnr", "eq-PSNR rot90 dB", True, 2, "PSNR of decode(rot90(z)) vs rot90(x)", group=g))
     return out
 
 

@@ -129,7 +129,7 @@ def test_compare_tool_end_to_end(setup, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr()
     assert "PSNR dB" in printed.out and "f4c16" in printed.out and "rFID RANDOM" in printed.out
-    assert "Diffusability" in printed.out and "latent HF share" in printed.out and "PSNR rot90 dB" in printed.out
+    assert "Diffusability" in printed.out and "latent HF share" in printed.out and "eq-PSNR rot90 dB" in printed.out
     assert "NOT meaningful" in printed.err and "broken.jpg" in printed.err
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))

@@ -122,7 +122,7 @@ def test_report_renders_and_sorts_in_chromium(chromium, report, tmp_path):
     agg = re.search(r'<table id="aggregate">.*?</table>', dom, re.S).group(0)
     assert len(re.findall(r'<tr data-vae="', agg)) == 2
     dif = re.search(r'<table id="diffusability">.*?</table>', dom, re.S).group(0)
-    assert len(re.findall(r'<tr data-vae="', dif)) == 2 and "latent HF share" in dif and "PSNR rot90 dB" in dif
+    assert len(re.findall(r'<tr data-vae="', dif)) == 2 and "latent HF share" in dif and "eq-PSNR rot90 dB" in dif
     assert len(re.findall(r'<table class="health"', dom)) == 2
     assert len(re.findall(r'<tr data-paired="c16"', dom)) == 1  # paired differences to the baseline c4
     order = re.findall(r'<tr data-image="(\d+)"', dom)

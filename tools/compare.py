@@ -13,10 +13,12 @@ Metrics: PSNR, SSIM, MS-SSIM (images >= 176 px), LPIPS-VGG/-AlexNet, rFID, and t
 rate in bits per pixel (latent elements x --latent-bits / pixels), so a 16-channel VAE is
 compared at its real rate. Diffusability: the share of the latent's energy above half its
 Nyquist frequency next to the image's, and the equivariance PSNR of decode(T(z)) vs T(x)
-for T = area downsampling (--eq-scales) and a 90-degree rotation (latentae.diffusability). LPIPS and rFID need pretrained backbones on disk (nothing is
-downloaded): by default they are skipped with a notice naming the missing file;
---offline (or --lpips random / --fid random) runs them on seeded random backbones,
-clearly labelled as not-a-metric, for tests and demos.
+for T = area downsampling (--eq-scales) and a 90-degree rotation (latentae.diffusability).
+
+LPIPS and rFID need pretrained backbones on disk (nothing is downloaded): by default
+they are skipped with a notice naming the missing file; --offline (or --lpips random /
+--fid random) runs them on seeded random backbones, clearly labelled as not-a-metric,
+for tests and demos.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-report-images", type=int, default=24, help="gallery entries in report.html (default 24)")
     p.add_argument("--thumb-size", type=int, default=256, help="gallery thumbnail size in pixels (default 256)")
     p.add_argument("--thumb-format", choices=["jpeg", "webp", "png"], default="jpeg",
-                   help="gallery thumbnails and error maps (default jpeg, 4:4:4; zoomed crops are always PNG)")
+                   help="gallery thumbnails (default jpeg: q90 4:4:4, heat maps q75; zoomed crops and latents are always PNG)")
     p.add_argument("--thumb-quality", type=int, default=90, help="JPEG/WebP quality 1-100 (default 90)")
     p.add_argument("--eq-scales", type=int, nargs="*", default=[2, 4], metavar="S",
                    help="equivariance PSNR at 1/S scale for each S (default 2 4; none: --eq-scales)")
