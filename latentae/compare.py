@@ -1,10 +1,12 @@
 """Compare VAEs side by side on the same images: metrics, latent health, an HTML report.
 
 Per image and VAE: PSNR, SSIM, MS-SSIM (images >= 176 px), LPIPS-VGG and -AlexNet,
-the latent rate in bits per pixel and the encode / decode time; per VAE: the mean with a
-95% Student-t interval over images, the paired difference to the first VAE (the
-baseline; same images, so the paired interval is the honest test of "B is better than
-A"), rFID, and the latent health of ``latentae.health``.
+the latent rate in bits per pixel, the encode / decode time, and the diffusability
+figures of ``latentae.diffusability`` (the latent's high-frequency share next to the
+image's, and the equivariance PSNRs); per VAE: the mean with a 95% Student-t interval
+over images, the paired difference to the first VAE (the baseline; same images, so the
+paired interval is the honest test of "B is better than A"), rFID, and the latent
+health of ``latentae.health`` (including the mean latent spectrum).
 
 Reconstructions decode the posterior *mean* and are clamped to [-1, 1] before measuring
 (the image a user would save). Images stream one at a time: memory holds one image,
@@ -12,7 +14,8 @@ its reconstructions, and thumbnails for at most ``max_report_images`` images.
 
 Outputs in ``out_dir``: ``metrics.csv`` (one row per image and VAE, written as it goes,
 so an interrupted run keeps what it measured), ``metrics.json`` (everything),
-``report.html`` (``latentae.report``). ``format_table`` renders the terminal table.
+``report.html`` (``latentae.report``). ``format_table`` (``latentae.compare_table``)
+renders the terminal tables.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,18 +33,31 @@ import torch
 from PIL import Image
 
 from latentae import __version__
+from latentae import diffusability as dif
+from latentae.compare_metrics import (
+    DIFFUSABILITY_NOTE,
+    BackboneMode,
+    MetricSpec,
+    aggregate_rows,
+    diffusability_metrics,
+    latent_bpp,
+    paired_vs_baseline,
+    pixel_metrics,
+    setup_fid,
+    setup_lpips,
+    t_interval,
+)
+from latentae.compare_table import format_table
 from latentae.config import to_dict
-from latentae.fid import FeatureStats, build_inception, fid_from_stats, fid_note
+from latentae.fid import FeatureStats, fid_from_stats, fid_note
 from latentae.health import DEFAULT_ACTIVE_KL, LatentStats
 from latentae.imageio import BadImage, RawSample, decode_image, iter_source
 from latentae.metrics import ms_ssim, ms_ssim_min_size, psnr, ssim
 from latentae.model import AutoencoderKL, DiagonalGaussian, count_params
-from latentae.perceptual import MissingWeightsError, build_lpips
 from latentae import report as rep
 
 log = logging.getLogger(__name__)
 
-BackboneMode = Literal["auto", "pretrained", "random", "off"]
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -63,12 +78,21 @@ class CompareConfig:
     max_images: int | None = None
     max_report_images: int = 24  # gallery entries (thumbnails, crops, heat maps) kept in memory
     thumb_size: int = 256  # longer side of gallery thumbnails, pixels
+    # Gallery thumbnails: JPEG q90 without chroma subsampling keeps VAE artefacts visible and a
+    # 24-image report at ~4 MB (16 MB as PNG); heat maps at q<=75; zoomed crops and latents PNG.
+    thumb_format: Literal["jpeg", "webp", "png"] = "jpeg"
+    thumb_quality: int = 90
     zoom_size: int = 64  # side of the zoomed crop where the error is largest, image pixels
     active_kl: float = DEFAULT_ACTIVE_KL  # nats per latent element (latentae.health)
     latent_bits: int = 16  # bits per stored latent element for the rate (fp16 / bf16 storage)
     device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"  # VAE compute; metrics are fp32
     seed: int = 0  # posterior samples for the latent statistics
+    # Equivariance PSNR (latentae.diffusability): decode(T(z)) vs T(x) for T = area
+    # downsampling by each factor and a 90-degree rotation. Costs ~1.3 extra decodes per
+    # image and VAE for (2, 4) + rotation; () and False turn them off.
+    equivariance_scales: tuple[int, ...] = (2, 4)
+    equivariance_rotation: bool = True
 
     def __post_init__(self):
         if self.size is not None and self.crop is not None:
@@ -90,16 +114,10 @@ class CompareConfig:
                 raise ValueError(f"{name} must be auto, pretrained, random or off, got {getattr(self, name)!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-
-@dataclass(frozen=True)
-class MetricSpec:
-    key: str
-    label: str
-    higher_is_better: bool
-    digits: int
-    help: str = ""
-    rank: bool = True  # a quality metric: the report highlights the best VAE (not for the rate)
+        if any(not isinstance(s, int) or s < 2 for s in self.equivariance_scales):
+            raise ValueError(f"equivariance_scales must be integers >= 2, got {list(self.equivariance_scales)}")
+        if self.thumb_format not in ("jpeg", "webp", "png") or not 1 <= self.thumb_quality <= 100:
+            raise ValueError(f"thumb_format must be jpeg, webp or png and thumb_quality in 1..100, got {self.thumb_format!r}, {self.thumb_quality}")
 
 
 @dataclass
@@ -112,7 +130,7 @@ class VAEEntry:
     padded: int = 0
 
     def __post_init__(self):
-        self.stats = LatentStats(self.vae.config.latent_channels)
+        self.stats = LatentStats(self.vae.config.latent_channels, self.vae.config.downsample_factor)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -127,33 +145,6 @@ def parse_vae_arg(arg: str) -> tuple[str, str]:
     if not name or not path:
         raise ValueError(f"--vae expects NAME=PATH, got {arg!r}")
     return name, path
-
-
-def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean and Student-t confidence interval of the mean (n-1 degrees of freedom).
-
-    Non-finite values (PSNR of a pixel-exact image is +inf) are left out and counted.
-    """
-    from scipy.stats import t as student_t  # scipy comes with scikit-image
-
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    finite = v[np.isfinite(v)]
-    n = int(finite.size)
-    out: dict[str, Any] = {"n": n, "non_finite": int(v.size - n), "mean": None, "std": None, "ci95": [None, None]}
-    if n == 0:
-        return out
-    mean = float(finite.mean())
-    out["mean"] = mean
-    if n >= 2:
-        sd = float(finite.std(ddof=1))
-        half = float(student_t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
-        out.update(std=sd, ci95=[mean - half, mean + half])
-    return out
-
-
-def latent_bpp(latent_shape: Sequence[int], height: int, width: int, bits: int) -> float:
-    """Rate of the stored latents: elements x bits / pixels (f8c4 at 16 bits = 1 bpp)."""
-    return math.prod(latent_shape) * bits / (height * width)
 
 
 def load_image_tensor(img: Image.Image, cfg: CompareConfig, name: str) -> tuple[torch.Tensor, str | None]:
@@ -208,17 +199,16 @@ class Comparison:
             except ImportError as e:
                 raise RuntimeError(f"tile=True (--tile) needs latentae.tiling (tiled_encode / tiled_decode): {e}") from e
         self.entries = [self._load(n, src) for n, src in vaes]
-        self.metrics: list[MetricSpec] = [
-            MetricSpec("psnr", "PSNR dB", True, 2),
-            MetricSpec("ssim", "SSIM", True, 4, "Gaussian 11x11, sigma 1.5 (skimage)"),
-            MetricSpec("ms_ssim", "MS-SSIM", True, 4, f"5 scales; needs >= {ms_ssim_min_size()} px"),
-        ]
-        self.lpips = self._setup_lpips()
-        self.inception = self._setup_fid()
+        self.metrics: list[MetricSpec] = pixel_metrics()
+        self.lpips, lpips_specs = setup_lpips(cfg.lpips, self.device, self.notices)
+        self.metrics += lpips_specs
+        self.inception, self.fid_key, self.fid_label = setup_fid(cfg.fid, self.device, self.notices)
         self.fid_orig = FeatureStats() if self.inception is not None else None
         for e in self.entries:
             e.fid = FeatureStats() if self.inception is not None else None
         self.metrics.append(MetricSpec("bpp", "bpp", False, 3, f"latent bits per pixel at {cfg.latent_bits} bits/element", rank=False))
+        self.metrics += diffusability_metrics(cfg.equivariance_scales, cfg.equivariance_rotation)
+        self.eq_too_small: dict[int, set[int]] = {s: set() for s in cfg.equivariance_scales}  # image indices
         self.rows: list[dict[str, Any]] = []
         self.gallery: dict[int, dict[str, Any]] = {}
         self.skipped: list[dict[str, str]] = []
@@ -242,54 +232,6 @@ class Comparison:
 
             vae, source = load_vae(src, device=self.device, dtype=self.dtype), str(src)
         return VAEEntry(name, source, vae)
-
-    def _setup_lpips(self) -> dict[str, torch.nn.Module]:
-        mode, nets = self.cfg.lpips, {}
-        if mode == "off":
-            self.notices.append("LPIPS not computed (--lpips off).")
-            return nets
-        for net in ("vgg", "alex"):
-            if mode == "random":
-                lp, key = build_lpips(net, pretrained=False), f"lpips_{net}_random"
-                self.metrics.append(MetricSpec(key, f"LPIPS-{net} RANDOM", False, 4, "random backbone: not a perceptual metric"))
-            else:
-                try:
-                    lp, key = build_lpips(net, pretrained=True), f"lpips_{net}"
-                except MissingWeightsError as e:
-                    if mode == "pretrained":
-                        raise
-                    self.notices.append(f"LPIPS-{net} skipped: pretrained backbone not on disk. {e}".replace(
-                        "Offline alternative for tests/demos only: set loss.lpips_pretrained=false",
-                        "For tests/demos only: --lpips random",
-                    ))
-                    continue
-                self.metrics.append(MetricSpec(key, f"LPIPS-{net}", False, 4))
-            nets[key] = lp.to(self.device)
-        if mode == "random":
-            self.notices.append(
-                "LPIPS computed with RANDOM backbones (--lpips random / --offline): the lpips_*_random columns "
-                "are not a perceptual metric; use them to exercise the pipeline only."
-            )
-        return nets
-
-    def _setup_fid(self):
-        mode = self.cfg.fid
-        self.fid_key, self.fid_label = None, None
-        if mode == "off":
-            self.notices.append("rFID not computed (--fid off).")
-            return None
-        try:
-            net = build_inception(pretrained=mode != "random")
-        except MissingWeightsError as e:
-            if mode == "pretrained":
-                raise
-            self.notices.append(f"rFID skipped: {e}")
-            return None
-        self.fid_key = "rfid" if net.pretrained else "rfid_random"
-        self.fid_label = "rFID" if net.pretrained else "rFID RANDOM"
-        if not net.pretrained:
-            self.notices.append("rFID computed with a RANDOM Inception (--fid random / --offline): not a metric.")
-        return net.to(self.device)
 
     # -- per image
 
@@ -373,7 +315,7 @@ class Comparison:
         rec = rec.clamp(-1, 1)
         # Seeded per image, not per VAE order: the same image always gets the same noise.
         gen = torch.Generator(device=post.mean.device).manual_seed(cfg.seed * 1_000_003 + index)
-        e.stats.update(post, post.sample(gen).float())
+        spec = e.stats.update(post, post.sample(gen).float(), images=x)
         m: dict[str, Any] = {
             "psnr": psnr(x, rec).item(),
             "ssim": ssim(x, rec).item(),
@@ -381,34 +323,29 @@ class Comparison:
             "bpp": latent_bpp(post.mean.shape[1:], h, w, cfg.latent_bits),
             "encode_s": t1 - t0,
             "decode_s": t2 - t1,
+            "hf_share": spec["hf_share"].item(),
+            "hf_share_image": spec["hf_share_image"].item(),
+            **self._equivariance(decode, post.mean, x, f, index),
         }
         return rec, m, post.mean[0].float().cpu()
 
+    def _equivariance(self, decode, z: torch.Tensor, x: torch.Tensor, f: int, index: int) -> dict[str, float | None]:
+        """PSNR of decode(T(z)) vs T(x) per configured transform (None: latent too small)."""
+        out: dict[str, float | None] = {}
+        hl, wl = x.shape[-2] // f, x.shape[-1] // f
+        for s in self.cfg.equivariance_scales:
+            ok = min(hl, wl) >= s
+            out[f"eq_down{s}_psnr"] = dif.equivariance_psnr(decode, z, x, f"down{s}", f).item() if ok else None
+            if not ok:
+                self.eq_too_small[s].add(index)
+        if self.cfg.equivariance_rotation:
+            out["eq_rot90_psnr"] = dif.equivariance_psnr(decode, z, x, "rot90", f).item()
+        return out
+
     def _gallery_entry(self, x: torch.Tensor, recons: dict[str, torch.Tensor], latents: dict[str, torch.Tensor]):
         cfg = self.cfg
-        errs = {n: (r - x).abs().mean(0) for n, r in recons.items()}  # [H, W] in [-1, 1] units
-        total = torch.stack(list(errs.values())).sum(0)
-        y0, x0, s = rep.worst_window(total, cfg.zoom_size)
-        # One colour scale per image (shared by its VAEs): the 99.5th percentile of the worst map.
-        vmax = max(float(torch.quantile(e.flatten()[:: max(1, e.numel() // 1_000_000)], 0.995)) for e in errs.values())
-        vmax = max(vmax, 2.0 / 255)
-        orig = rep.to_uint8(x)
-        out = {
-            "original": rep.png_data_uri(rep.thumbnail(orig, cfg.thumb_size)),
-            "original_crop": rep.png_data_uri(orig[y0 : y0 + s, x0 : x0 + s]),
-            "crop_box": [y0, x0, s],
-            "heat_vmax": vmax,
-            "vaes": {},
-        }
-        for n, r in recons.items():
-            rec = rep.to_uint8(r)
-            out["vaes"][n] = {
-                "recon": rep.png_data_uri(rep.thumbnail(rec, cfg.thumb_size)),
-                "crop": rep.png_data_uri(rec[y0 : y0 + s, x0 : x0 + s]),
-                "heat": rep.png_data_uri(rep.thumbnail(rep.heatmap(errs[n].numpy(), vmax), cfg.thumb_size)),
-                "latent": rep.png_data_uri(rep.latent_grid(latents[n])),
-            }
-        return out
+        return rep.gallery_entry(x, recons, latents, thumb_size=cfg.thumb_size, zoom_size=cfg.zoom_size,
+                                 fmt=cfg.thumb_format, quality=cfg.thumb_quality)
 
     # -- driving
 
@@ -469,6 +406,9 @@ class Comparison:
         if self.failures:
             shown = "; ".join(f"{f['vae']} on {f['image']}: {f['error']}" for f in self.failures[:3])
             out.append(f"{len(self.failures)} (image, VAE) measurements FAILED: {shown}")
+        for s, idx in self.eq_too_small.items():
+            if idx:
+                out.append(f"Equivariance PSNR at 1/{s} scale is n/a for {len(idx)} of {n} images: their latents are smaller than {s} pixels.")
         if len(self._image_rows) > len(self.gallery):
             out.append(f"Gallery shows the first {len(self.gallery)} of {n} images (--max-report-images).")
         return out
@@ -478,21 +418,10 @@ class Comparison:
         cfg = self.cfg
         n_img = len(self._image_rows)
         keys = [m.key for m in self.metrics] + ["encode_s", "decode_s"]
-        aggregate, paired = {}, {}
-        base = self.entries[0].name
-        by_vae_image = {(r["vae"], r["image"]): r for r in self.rows}
-        for e in self.entries:
-            rows = [r for r in self.rows if r["vae"] == e.name]
-            aggregate[e.name] = {k: t_interval([r.get(k) for r in rows]) for k in keys}
-            if e.name != base:
-                paired[e.name] = {}
-                for k in [m.key for m in self.metrics]:
-                    d = []
-                    for r in rows:
-                        b = by_vae_image.get((base, r["image"]))
-                        if b is not None and r.get(k) is not None and b.get(k) is not None:
-                            d.append(r[k] - b[k])
-                    paired[e.name][k] = t_interval(d)
+        names = [e.name for e in self.entries]
+        base = names[0]
+        aggregate = aggregate_rows(self.rows, names, keys)
+        paired = paired_vs_baseline(self.rows, names, [m.key for m in self.metrics])
         rfid = {}
         if self.fid_orig is not None:
             for e in self.entries:
@@ -549,6 +478,7 @@ class Comparison:
             "rfid_images": self.fid_orig.n if self.fid_orig is not None else 0,
             "rfid_note": fid_note(self.fid_orig.n) if self.fid_orig is not None else "rFID not computed",
             "latent_health": health,
+            "diffusability_note": DIFFUSABILITY_NOTE,
             "per_image": self.rows,
         }
 
@@ -572,45 +502,6 @@ class Comparison:
         return s
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """The aggregate table for the terminal: mean +- half-width of the 95% interval."""
-    metrics = summary["metrics"]
-    head = ["VAE", "latent", "bpp (nominal)"] + [m["label"] for m in metrics if m["key"] != "bpp"]
-    if summary.get("rfid_key"):
-        head.append(summary["rfid_label"])
-    lines = []
-    for v in summary["vaes"]:
-        a = summary["aggregate"][v["name"]]
-        row = [v["name"], f"f{v['downsample_factor']}c{v['latent_channels']}", f"{v['bpp_nominal']:.2f}"]
-        for m in metrics:
-            if m["key"] == "bpp":
-                continue
-            s = a[m["key"]]
-            if s["mean"] is None:
-                row.append("n/a")
-                continue
-            cell = f"{s['mean']:.{m['digits']}f}"
-            if s["ci95"][0] is not None:
-                cell += f" ±{(s['ci95'][1] - s['ci95'][0]) / 2:.{m['digits']}f}"
-            row.append(cell)
-        if summary.get("rfid_key"):
-            r = summary["rfid"].get(v["name"])
-            row.append("n/a" if r is None else f"{r:.2f}")
-        lines.append(row)
-    widths = [max(len(str(r[i])) for r in [head] + lines) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
-    out = [fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in lines]
-    for v in summary["vaes"]:
-        h = summary["latent_health"].get(v["name"])
-        if h:
-            sug = h["suggested"]
-            out.append(
-                f"{v['name']}: {h['active_channels']}/{h['channels']} channels active; suggested scaling_factor "
-                f"{sug['scaling_factor']:.4f}, shift_factor {sug['shift_factor']:.4f} (no-shift scaling {sug['scaling_factor_no_shift']:.4f})"
-            )
-    return "\n".join(out)
-
-
 def run_compare(
     vaes: Sequence[tuple[str, str | Path | AutoencoderKL]],
     data: str | Path | Sequence[tuple[str, Image.Image]],
@@ -632,4 +523,4 @@ def run_compare(
     return comp.finish()
 
 
-__all__ = ["CompareConfig", "Comparison", "format_table", "latent_bpp", "parse_vae_arg", "run_compare", "t_interval"]
+__all__ = ["CompareConfig", "Comparison", "diffusability_metrics", "format_table", "latent_bpp", "parse_vae_arg", "run_compare", "t_interval"]

@@ -18,7 +18,13 @@ carries information:
   ``shift_factor = mean(z)`` and ``scaling_factor = 1 / std(z)`` (SD3 / FLUX convention
   ``(z - shift) * scale``), ``scaling_factor_no_shift = 1 / sqrt(mean(z^2))`` (SD 1.x /
   SDXL convention ``z * scale`` without a shift: unit second moment), and per-channel
-  ``latents_mean`` / ``latents_std``.
+  ``latents_mean`` / ``latents_std``;
+* the **spectrum** (``SpectrumStats``, math in ``latentae.diffusability``): the radially
+  averaged, normalised DCT power spectrum of the latents (channels pooled by energy, DC
+  removed) averaged over images, and ``hf_share``, the share of the latent energy at or
+  above half the latent Nyquist frequency, per channel and pooled; with the images, the
+  same figures for the images area-downsampled to the latent size (the reference: a
+  latent no rougher than its image has ``hf_share <= hf_share_image``).
 
 Everything accumulates in float64 sums, streaming: one ``update`` per batch, constant memory.
 """
@@ -30,15 +36,86 @@ from typing import Any
 
 import torch
 
+from latentae import diffusability as dif
 from latentae.model import DiagonalGaussian
 
 DEFAULT_ACTIVE_KL = 0.01  # nats per latent element
 
 
+class SpectrumStats:
+    """Streaming spectrum summary of one VAE's latents (and of its images at the latent size).
+
+    Per image: the normalised radial spectrum and the high-frequency shares
+    (``latentae.diffusability``); accumulated as sums, so the result is the mean over
+    images (each image counts once, whatever its size). Latents and images are first cut
+    to the part they share (``diffusability.covered``: a padded image's last latent row
+    partly describes padding).
+    """
+
+    def __init__(self, channels: int, downsample_factor: int, bins_per_nyquist: int = dif.BINS_PER_NYQUIST):
+        self.channels, self.factor, self.bins_per_nyquist = channels, downsample_factor, bins_per_nyquist
+        self.freq = dif.radial_bins(2, 2, bins_per_nyquist)[1]
+        nb = self.freq.numel()
+        self.images = self.with_images = self.with_mean = 0
+        self.curve_sum = {k: torch.zeros(nb, dtype=torch.float64) for k in ("latent", "image")}
+        self.curve_n = {k: torch.zeros(nb, dtype=torch.float64) for k in ("latent", "image")}
+        self.share_sum = {k: 0.0 for k in ("latent", "latent_posterior_mean", "image")}
+        self.channel_share_sum = torch.zeros(channels, dtype=torch.float64)
+
+    def _add_curve(self, key: str, t: torch.Tensor) -> None:
+        _, power = dif.radial_power_spectrum(t, self.bins_per_nyquist)
+        ok = torch.isfinite(power)
+        self.curve_sum[key] += torch.where(ok, power, torch.zeros_like(power)).sum(0)
+        self.curve_n[key] += ok.sum(0)
+
+    @torch.no_grad()
+    def update(self, z: torch.Tensor, z_mean: torch.Tensor | None = None, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Add latents ``z`` ``[N, C, h, w]`` (and optionally the posterior means and the
+        images ``[N, 3, H, W]``); returns the per-image figures ``{"hf_share": [N], ...}``."""
+        if images is not None:
+            z, images_c = dif.covered(z, images, self.factor)
+            if z_mean is not None:
+                z_mean = dif.covered(z_mean, images, self.factor)[0]
+        out = {"hf_share": dif.high_frequency_share(z)}
+        self.images += z.shape[0]
+        self.share_sum["latent"] += out["hf_share"].sum().item()
+        self.channel_share_sum += dif.high_frequency_share(z, per_channel=True).sum(0)
+        self._add_curve("latent", z)
+        if z_mean is not None:
+            out["hf_share_posterior_mean"] = dif.high_frequency_share(z_mean)
+            self.with_mean += z_mean.shape[0]
+            self.share_sum["latent_posterior_mean"] += out["hf_share_posterior_mean"].sum().item()
+        if images is not None:
+            ref = dif.image_at_latent_size(images_c.float(), self.factor).cpu()
+            out["hf_share_image"] = dif.high_frequency_share(ref)
+            self.with_images += ref.shape[0]
+            self.share_sum["image"] += out["hf_share_image"].sum().item()
+            self._add_curve("image", ref)
+        return out
+
+    def result(self) -> dict[str, Any]:
+        """Means over images, JSON-ready. Curves: ``None`` where no image had a coefficient."""
+        if self.images == 0:
+            raise ValueError("no latents were added: cannot compute a spectrum of zero images")
+        curve = lambda k: [None if n == 0 else s / n for s, n in zip(self.curve_sum[k].tolist(), self.curve_n[k].tolist())]  # noqa: E731
+        return {
+            "freq": self.freq.tolist(),
+            "freq_unit": "fraction of the latent Nyquist frequency",
+            "cutoff": dif.HALF_NYQUIST,
+            "images": self.images,
+            "latent": curve("latent"),
+            "hf_share": self.share_sum["latent"] / self.images,
+            "hf_share_posterior_mean": self.share_sum["latent_posterior_mean"] / self.with_mean if self.with_mean else None,
+            "hf_share_per_channel": (self.channel_share_sum / self.images).tolist(),
+            "image": curve("image") if self.with_images else None,
+            "hf_share_image": self.share_sum["image"] / self.with_images if self.with_images else None,
+        }
+
+
 class LatentStats:
     """Streaming per-channel latent statistics for one VAE (see the module docstring)."""
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, downsample_factor: int = 8):
         if channels < 1:
             raise ValueError(f"channels must be >= 1, got {channels}")
         self.channels = channels
@@ -46,10 +123,13 @@ class LatentStats:
         z = lambda: torch.zeros(channels, dtype=torch.float64)  # noqa: E731
         self.count, self.sum, self.sumsq = z(), z(), z()
         self.kl_sum, self.post_std_sum = z(), z()
+        self.spectrum = SpectrumStats(channels, downsample_factor)
 
     @torch.no_grad()
-    def update(self, posterior: DiagonalGaussian, z: torch.Tensor) -> None:
-        """Add a batch: its posterior and the latents drawn from it (``[N, C, h, w]``)."""
+    def update(self, posterior: DiagonalGaussian, z: torch.Tensor, images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Add a batch: its posterior, the latents drawn from it (``[N, C, h, w]``) and
+        optionally the images (for the spectrum reference). Returns the per-image
+        spectrum figures (``SpectrumStats.update``)."""
         if z.ndim != 4 or z.shape[1] != self.channels:
             raise ValueError(f"expected latents [N, {self.channels}, h, w], got {tuple(z.shape)}")
         dims = (0, 2, 3)
@@ -61,6 +141,9 @@ class LatentStats:
         # KL in float32 from the posterior's own parameters (exact formula in model.py).
         self.kl_sum += posterior.kl().detach().to("cpu", torch.float64).sum(dims)
         self.post_std_sum += posterior.std.detach().to("cpu", torch.float64).sum(dims)
+        # The spectrum of the samples (what latent-diffusion training encodes); the posterior
+        # mean's share is kept too, to tell encoder structure from posterior noise.
+        return self.spectrum.update(zd, posterior.mean.detach().to("cpu", torch.float64), images)
 
     def result(
         self,
@@ -95,6 +178,7 @@ class LatentStats:
             "active_kl_threshold": active_kl,
             "active": active,
             "active_channels": sum(active),
+            "spectrum": self.spectrum.result(),
             "suggested": {
                 "shift_factor": mean_all,
                 "scaling_factor": 1.0 / std_all if std_all > 0 else math.inf,
@@ -115,4 +199,4 @@ class LatentStats:
         return out
 
 
-__all__ = ["LatentStats", "DEFAULT_ACTIVE_KL"]
+__all__ = ["LatentStats", "SpectrumStats", "DEFAULT_ACTIVE_KL"]

@@ -1,8 +1,10 @@
 """The comparison report: one self-contained HTML page, plus the small images it embeds.
 
-Nothing is fetched over the network when the page opens: every image is a base64 PNG
-data URI and the CSS / JS are inline. The page carries the comparison as a JSON blob
-(``<script type="application/json" id="report-data">``) and its script builds all the
+Nothing is fetched over the network when the page opens: every image is a base64 data
+URI (thumbnails and error maps JPEG by default, zoomed crops and latents PNG), the plots
+are inline SVG drawn in Python (``latentae.report_plots``), and the CSS / JS are inline.
+The page carries the comparison as a JSON blob
+(``<script type="application/json" id="report-data">``) and its script builds the
 tables and the gallery from it; clicking a column header sorts the table (and the
 per-image table's order drives the gallery's, so "sort by PSNR of vae B, ascending"
 puts the worst reconstructions first).
@@ -34,9 +36,28 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def png_data_uri(arr: np.ndarray) -> str:
     """uint8 ``[H, W]`` or ``[H, W, 3]`` -> ``data:image/png;base64,...``."""
+    return image_data_uri(arr, "png")
+
+
+def image_data_uri(arr: np.ndarray, fmt: str = "png", quality: int = 90, chroma_subsampling: bool = False) -> str:
+    """uint8 ``[H, W]`` or ``[H, W, 3]`` -> a ``data:image/...;base64`` URI.
+
+    ``jpeg`` is saved without chroma subsampling (4:4:4) unless asked: a VAE's colour
+    artefacts are what the page is for, and 4:2:0 would smear them (and add its own).
+    ``webp`` lossy always subsamples chroma; ``png`` is lossless (a 256 px photo
+    thumbnail ~150 kB vs ~30 kB as JPEG q90).
+    """
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG", optimize=False, compress_level=6)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+    img = Image.fromarray(arr)
+    if fmt == "png":
+        img.save(buf, format="PNG", optimize=False, compress_level=6)
+    elif fmt == "jpeg":
+        img.save(buf, format="JPEG", quality=quality, subsampling=2 if chroma_subsampling else 0)
+    elif fmt == "webp":
+        img.save(buf, format="WEBP", quality=quality, method=4)
+    else:
+        raise ValueError(f"image format must be png, jpeg or webp, got {fmt!r}")
+    return f"data:image/{fmt};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def thumbnail(arr: np.ndarray, max_side: int) -> np.ndarray:
@@ -94,6 +115,49 @@ def worst_window(err: torch.Tensor, size: int) -> tuple[int, int, int]:
     return y * stride, x * stride, s
 
 
+def gallery_entry(
+    x: torch.Tensor,
+    recons: dict[str, torch.Tensor],
+    latents: dict[str, torch.Tensor],
+    *,
+    thumb_size: int = 256,
+    zoom_size: int = 64,
+    fmt: str = "jpeg",
+    quality: int = 90,
+) -> dict[str, Any]:
+    """One gallery card's pictures: the original ``[3, H, W]`` and every reconstruction
+    (thumbnails in ``fmt``), their error heat maps on one shared scale, the zoomed crop
+    where the summed error is largest (lossless PNG: native pixels, to judge artefacts),
+    and each VAE's latent channels ``[C, h, w]`` (PNG). Heat maps are a colour scale, not
+    a photo, and noisy (they were half of a JPEG report's bytes at q90): lossy formats
+    store them at quality <= 75 with chroma subsampling (1.1 instead of 2.9 MB for 24
+    images and 2 VAEs)."""
+    errs = {n: (r - x).abs().mean(0) for n, r in recons.items()}  # [H, W] in [-1, 1] units
+    total = torch.stack(list(errs.values())).sum(0)
+    y0, x0, s = worst_window(total, zoom_size)
+    # One colour scale per image (shared by its VAEs): the 99.5th percentile of the worst map.
+    vmax = max(float(torch.quantile(e.flatten()[:: max(1, e.numel() // 1_000_000)], 0.995)) for e in errs.values())
+    vmax = max(vmax, 2.0 / 255)
+    orig = to_uint8(x)
+    thumb = lambda a: image_data_uri(thumbnail(a, thumb_size), fmt, quality)  # noqa: E731
+    out: dict[str, Any] = {
+        "original": thumb(orig),
+        "original_crop": png_data_uri(orig[y0 : y0 + s, x0 : x0 + s]),
+        "crop_box": [y0, x0, s],
+        "heat_vmax": vmax,
+        "vaes": {},
+    }
+    for n, r in recons.items():
+        rec = to_uint8(r)
+        out["vaes"][n] = {
+            "recon": thumb(rec),
+            "crop": png_data_uri(rec[y0 : y0 + s, x0 : x0 + s]),
+            "heat": image_data_uri(thumbnail(heatmap(errs[n].numpy(), vmax), thumb_size), fmt, min(quality, 75), True),
+            "latent": png_data_uri(latent_grid(latents[n])),
+        }
+    return out
+
+
 # ----------------------------------------------------------------------------- HTML
 
 _CSS = """
@@ -117,6 +181,9 @@ figure img{display:block;border:1px solid #ccc;max-width:100%}
 img.px{image-rendering:pixelated}
 .na{color:#aaa}
 a{color:#0366d6}
+.plots{display:flex;flex-wrap:wrap;gap:12px;align-items:flex-start;margin:6px 0}
+svg.plot{border:1px solid #ddd;border-radius:4px;background:#fff;max-width:100%;height:auto}
+.explain{max-width:980px;font-size:13px;color:#333}
 """
 
 _JS = r"""
@@ -155,30 +222,39 @@ function numCell(v, digits, best, extra) {
   td.append(fmt(v, digits)); if (extra) td.append(extra); if (best) td.classList.add('best'); return td;
 }
 
-// ---- aggregate table
+// ---- aggregate tables: reconstruction, then diffusability (with the reconstruction PSNR as its reference)
 const metrics = D.metrics;
-const agg = el('table', {id: 'aggregate'});
-const headRow = el('tr', {}, el('th', {class: 'name'}, 'VAE'), el('th', {}, 'latent'));
-metrics.forEach(m => headRow.append(el('th', {title: m.help || ''}, m.label + (m.higher_is_better ? ' \u2191' : ' \u2193'))));
-if (D.rfid_key) headRow.append(el('th', {title: D.rfid_note}, D.rfid_label + ' \u2193'));
-headRow.append(el('th', {}, 'enc s/img'), el('th', {}, 'dec s/img'));
-agg.append(el('thead', {}, headRow));
-const aggBody = el('tbody');
-const bestOf = key => { const m = metrics.find(x => x.key === key); const vals = D.vaes.map(v => (D.aggregate[v.name][key] || {}).mean)
-  .filter(Number.isFinite); if (!vals.length) return null; return m.higher_is_better ? Math.max(...vals) : Math.min(...vals); };
-D.vaes.forEach(v => {
-  const a = D.aggregate[v.name];
-  const tr = el('tr', {'data-vae': v.name}, el('td', {class: 'name'}, v.name),
-    el('td', {'data-sort': String(v.latent_channels)}, 'f' + v.downsample_factor + 'c' + v.latent_channels));
-  metrics.forEach(m => { const s = a[m.key] || {}; const best = bestOf(m.key);
-    const ci = (s.ci95 && s.ci95[0] !== null) ? el('span', {class: 'ci'}, ' \u00b1' + fmt((s.ci95[1] - s.ci95[0]) / 2, m.digits)) : null;
-    tr.append(numCell(s.mean, m.digits, m.rank && s.mean !== null && s.mean === best && D.vaes.length > 1, ci)); });
-  if (D.rfid_key) tr.append(numCell(D.rfid[v.name], 2));
-  tr.append(numCell((a.encode_s || {}).mean, 3), numCell((a.decode_s || {}).mean, 3));
-  aggBody.append(tr);
-});
-agg.append(aggBody); sortable(agg);
-document.getElementById('aggregate-slot').append(agg);
+const groupOf = m => m.group || 'reconstruction';
+const bestOf = (m, vals) => { vals = vals.filter(Number.isFinite); if (!vals.length) return null;
+  return m.higher_is_better ? Math.max(...vals) : Math.min(...vals); };
+function aggregateTable(ms, id, withRest) {
+  const t = el('table', {id: id});
+  const headRow = el('tr', {}, el('th', {class: 'name'}, 'VAE'), el('th', {}, 'latent'));
+  ms.forEach(m => headRow.append(el('th', {title: m.help || ''}, m.label + (m.higher_is_better ? ' \u2191' : ' \u2193'))));
+  if (withRest && D.rfid_key) headRow.append(el('th', {title: D.rfid_note}, D.rfid_label + ' \u2193'));
+  if (withRest) headRow.append(el('th', {}, 'enc s/img'), el('th', {}, 'dec s/img'));
+  t.append(el('thead', {}, headRow));
+  const body = el('tbody');
+  D.vaes.forEach(v => {
+    const a = D.aggregate[v.name];
+    const tr = el('tr', {'data-vae': v.name}, el('td', {class: 'name'}, v.name),
+      el('td', {'data-sort': String(v.latent_channels)}, 'f' + v.downsample_factor + 'c' + v.latent_channels));
+    ms.forEach(m => { const s = a[m.key] || {}; const best = bestOf(m, D.vaes.map(w => (D.aggregate[w.name][m.key] || {}).mean));
+      const ci = (s.ci95 && s.ci95[0] !== null) ? el('span', {class: 'ci'}, ' \u00b1' + fmt((s.ci95[1] - s.ci95[0]) / 2, m.digits)) : null;
+      tr.append(numCell(s.mean, m.digits, m.rank && s.mean !== null && s.mean === best && D.vaes.length > 1, ci)); });
+    if (withRest && D.rfid_key) tr.append(numCell(D.rfid[v.name], 2));
+    if (withRest) tr.append(numCell((a.encode_s || {}).mean, 3), numCell((a.decode_s || {}).mean, 3));
+    body.append(tr);
+  });
+  t.append(body); sortable(t);
+  return t;
+}
+document.getElementById('aggregate-slot').append(aggregateTable(metrics.filter(m => groupOf(m) === 'reconstruction'), 'aggregate', true));
+const difMetrics = metrics.filter(m => groupOf(m) === 'diffusability');
+if (difMetrics.length) {
+  const ref = Object.assign({}, metrics.find(m => m.key === 'psnr'), {label: 'recon PSNR dB', rank: false});
+  document.getElementById('diffusability-slot').append(aggregateTable(difMetrics.concat([ref]), 'diffusability', false));
+}
 
 // ---- paired differences to the baseline (same images: the fair test of "B beats A")
 const P = D.paired_vs_baseline || {};
@@ -186,12 +262,14 @@ const others = D.vaes.filter(v => P[v.name]);
 if (others.length) {
   const pt = el('table', {id: 'paired'});
   const ph = el('tr', {}, el('th', {class: 'name'}, 'VAE − ' + P.baseline));
-  metrics.forEach(m => ph.append(el('th', {}, 'Δ ' + m.label)));
+  // Differences of the figures a VAE is judged by (and the rate); the image's own HF share is not one.
+  const pm = metrics.filter(m => m.rank || groupOf(m) === 'reconstruction');
+  pm.forEach(m => ph.append(el('th', {}, 'Δ ' + m.label)));
   pt.append(el('thead', {}, ph));
   const pb = el('tbody');
   others.forEach(v => {
     const tr = el('tr', {'data-paired': v.name}, el('td', {class: 'name'}, v.name));
-    metrics.forEach(m => { const s = P[v.name][m.key] || {};
+    pm.forEach(m => { const s = P[v.name][m.key] || {};
       const ci = (s.ci95 && s.ci95[0] !== null) ? s.ci95 : null;
       const sig = ci && (ci[0] > 0 || ci[1] < 0);
       const td = numCell(s.mean, m.digits, false, ci ? el('span', {class: 'ci'}, ' [' + fmt(ci[0], m.digits) + ', ' + fmt(ci[1], m.digits) + ']') : null);
@@ -209,16 +287,20 @@ D.vaes.forEach(v => {
   const h = D.latent_health[v.name]; if (!h) return;
   const sug = h.suggested;
   hs.append(el('h3', {}, v.name + ': ' + h.active_channels + ' of ' + h.channels + ' channels active (KL per element > ' + h.active_kl_threshold + ' nats)'));
+  if (h.spectrum) hs.append(el('div', {class: 'meta'}, 'latent HF share ' + fmt(h.spectrum.hf_share, 3) + ' (posterior mean: '
+    + fmt(h.spectrum.hf_share_posterior_mean, 3) + '), images at the latent size ' + fmt(h.spectrum.hf_share_image, 3)
+    + '; per channel in the table (share of that channel\u2019s own energy).'));
   hs.append(el('div', {class: 'meta'}, 'suggested scaling_factor ' + fmt(sug.scaling_factor, 4) + ', shift_factor ' + fmt(sug.shift_factor, 4)
     + ' (SD3/FLUX style); scaling without shift ' + fmt(sug.scaling_factor_no_shift, 4) + ' (SD/SDXL style). Configured: scaling '
     + fmt(v.scaling_factor, 4) + ', shift ' + (v.shift_factor === null ? 'none' : fmt(v.shift_factor, 4))
     + (h.configured ? ' \u2192 normalised latents have mean ' + fmt(h.configured.normalised_mean, 3) + ', std ' + fmt(h.configured.normalised_std, 3) : '')));
   const t = el('table', {class: 'health', 'data-vae': v.name});
-  t.append(el('thead', {}, el('tr', {}, ...['channel', 'mean', 'std', 'posterior std', 'KL/element', 'KL/image', 'active'].map(s => el('th', {}, s)))));
+  const hfc = (h.spectrum || {}).hf_share_per_channel || [];
+  t.append(el('thead', {}, el('tr', {}, ...['channel', 'mean', 'std', 'posterior std', 'KL/element', 'KL/image', 'HF share', 'active'].map(s => el('th', {}, s)))));
   const b = el('tbody');
   for (let c = 0; c < h.channels; c++) {
     b.append(el('tr', {}, numCell(c, 0), numCell(h.mean[c], 4), numCell(h.std[c], 4), numCell(h.posterior_std_mean[c], 4),
-      numCell(h.kl_per_element[c], 4), numCell(h.kl_per_image[c], 1), el('td', {'data-sort': h.active[c] ? '1' : '0'}, h.active[c] ? 'yes' : 'NO')));
+      numCell(h.kl_per_element[c], 4), numCell(h.kl_per_image[c], 1), numCell(hfc[c], 3), el('td', {'data-sort': h.active[c] ? '1' : '0'}, h.active[c] ? 'yes' : 'NO')));
   }
   t.append(b); sortable(t); hs.append(t);
 });
@@ -268,7 +350,12 @@ D.images.forEach((im, i) => {
 const m = /sort=(-?)(\d+)/.exec(location.hash);
 if (m && Number(m[2]) < it.tHead.rows[0].cells.length) sortImages(Number(m[2]), m[1] !== '-');
 const nImg = document.querySelectorAll('#gallery-slot img').length;
-document.getElementById('js-status').textContent = 'rendered ' + D.images.length + ' images, ' + nImg + ' pictures';
+// Where each plot landed on the page (CSS pixels): a headless browser check can find it in a screenshot.
+const plotsDrawn = document.querySelectorAll('svg.plot');
+plotsDrawn.forEach(p => { const r = p.getBoundingClientRect();
+  p.setAttribute('data-box', [r.left + window.scrollX, r.top + window.scrollY, r.width, r.height].map(Math.round).join(',')); });
+const nPlots = plotsDrawn.length;
+document.getElementById('js-status').textContent = 'rendered ' + D.images.length + ' images, ' + nImg + ' pictures, ' + nPlots + ' plots';
 })();
 """
 
@@ -293,9 +380,16 @@ def _clean(x: Any) -> Any:
     return x
 
 
+def _plots(svgs: list[str]) -> str:
+    return '<div class="plots">' + "".join(svgs) + "</div>" if svgs else '<div class="meta">nothing to plot</div>'
+
+
 def render_html(data: dict[str, Any]) -> str:
     """The page for a comparison ``data`` dict (``latentae.compare.run_compare`` builds it)."""
+    from latentae import report_plots as plots
+
     title = html.escape(data.get("title", "VAE comparison"))
+    spectrum = plots.spectrum(data)
     notices = "".join(f'<div class="notice">{html.escape(n)}</div>' for n in data.get("notices", []))
     payload = _json_for_script(_clean(data))
     return f"""<!DOCTYPE html>
@@ -312,9 +406,21 @@ def render_html(data: dict[str, Any]) -> str:
 <h2>Aggregate (mean over images, &plusmn; half-width of the {html.escape(data.get("interval_short", "95% interval"))})</h2>
 <div id="aggregate-slot"></div>
 <div class="meta">{html.escape(data.get("interval", ""))}</div>
+<h2 id="rate-distortion">Rate&ndash;distortion</h2>
+<div class="meta">Quality against the latent rate (latent elements &times; bits per element / pixels): a 16-channel
+latent costs 4&times; the bits of a 4-channel one at the same downsampling. Up-left is better for PSNR, down-left for LPIPS.</div>
+{_plots(plots.rate_distortion(data))}
 <h2>Paired difference to the baseline (per image, then averaged; 95% interval in brackets)</h2>
 <div class="meta">Green / red: the interval excludes 0, so the difference is unlikely to be noise on these images.</div>
 <div id="paired-slot"></div>
+<h2 id="distributions">Per-image distributions</h2>
+<div class="meta">Every image is a point (hover for its name); boxes: quartiles and median, whiskers to 1.5 IQR,
+diamond: mean. The &Delta; plots show each image's difference to the baseline: points above/below the dashed 0 line are images it wins/loses.</div>
+{_plots(plots.distributions(data))}
+<h2 id="diffusability">Diffusability</h2>
+<div class="explain">{html.escape(data.get("diffusability_note", ""))}</div>
+<div id="diffusability-slot"></div>
+{_plots([spectrum] if spectrum else [])}
 <h2>Latent health</h2>
 <div id="health-slot"></div>
 <h2>Per image (click a header to sort; the gallery follows the order)</h2>
@@ -339,4 +445,4 @@ def write_report(data: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["heatmap", "latent_grid", "png_data_uri", "render_html", "thumbnail", "to_uint8", "worst_window", "write_report"]
+__all__ = ["gallery_entry", "heatmap", "image_data_uri", "latent_grid", "png_data_uri", "render_html", "thumbnail", "to_uint8", "worst_window", "write_report"]

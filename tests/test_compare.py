@@ -129,10 +129,12 @@ def test_compare_tool_end_to_end(setup, tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr()
     assert "PSNR dB" in printed.out and "f4c16" in printed.out and "rFID RANDOM" in printed.out
+    assert "Diffusability" in printed.out and "latent HF share" in printed.out and "eq-PSNR rot90 dB" in printed.out
     assert "NOT meaningful" in printed.err and "broken.jpg" in printed.err
 
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert len(rows) == 3 * 2 and {r["vae"] for r in rows} == {"a", "b"}
+    assert all(r["hf_share"] and r["eq_down2_psnr"] and r["eq_down4_psnr"] and r["eq_rot90_psnr"] for r in rows)
     s = json.loads((out / "metrics.json").read_text())
     assert s["images_used"] == 3 and [x["image"] for x in s["skipped"]] == [str(setup / "imgs" / "broken.jpg")]
     assert s["vaes"][0]["bpp_nominal"] == 4.0 and s["vaes"][1]["bpp_nominal"] == 16.0  # f4c4 / f4c16 at 16 bits
@@ -147,6 +149,18 @@ def test_compare_tool_end_to_end(setup, tmp_path, capsys):
     notices = " ".join(s["notices"])
     assert "not a multiple of 4" in notices and "MS-SSIM is n/a for 3 of 3" in notices and "RANDOM" in notices
 
+    # Diffusability: per image in the rows, aggregated with intervals, the spectrum in the latent health.
+    for n in ("a", "b"):
+        spec = h[n]["spectrum"]
+        assert s["aggregate"][n]["hf_share"]["mean"] == pytest.approx(spec["hf_share"])
+        assert s["aggregate"][n]["hf_share_image"]["mean"] == pytest.approx(spec["hf_share_image"])
+        assert 0 < spec["hf_share"] < 1 and len(spec["hf_share_per_channel"]) == h[n]["channels"]
+        assert len(spec["freq"]) == len(spec["latent"]) == len(spec["image"])
+        assert all(s["aggregate"][n][k]["n"] == 3 for k in ("eq_down2_psnr", "eq_down4_psnr", "eq_rot90_psnr"))
+    img_share = {(r["vae"], r["image"]): r["hf_share_image"] for r in s["per_image"]}
+    assert all(img_share[("a", k)] == img_share[("b", k)] for k in ("astronaut", "coffee", "sub/cat"))  # both f4
+    assert "eq_rot90_psnr" in s["paired_vs_baseline"]["b"] and s["diffusability_note"]
+
     # The numbers are the reconstructions' honest scores: recompute PSNR / SSIM with skimage.
     row = next(r for r in s["per_image"] if r["vae"] == "b" and r["image"] == "sub/cat")
     vae = load_vae(setup / "vae_b.safetensors")
@@ -159,6 +173,15 @@ def test_compare_tool_end_to_end(setup, tmp_path, capsys):
     assert row["ssim"] == pytest.approx(structural_similarity(
         a_np, r_np, data_range=2, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, channel_axis=0), abs=1e-4)
     assert row["bpp"] == pytest.approx(16 * 12 * 16 * 16 / (48 * 64))
+    # Equivariance by hand: 2x2 block means of the latent mean (12 x 16) and of the image; rotation by 90 degrees.
+    with torch.no_grad():
+        z = vae.encode(x).mean
+        down = vae.decode(torch.nn.functional.avg_pool2d(z, 2)).clamp(-1, 1)
+        rot = vae.decode(torch.rot90(z, 1, (2, 3))).clamp(-1, 1)
+    target = torch.nn.functional.avg_pool2d(x, 2)[0].double().numpy()
+    assert row["eq_down2_psnr"] == pytest.approx(peak_signal_noise_ratio(target, down[0].double().numpy(), data_range=2), abs=1e-4)
+    rot_target = torch.rot90(x, 1, (2, 3))[0].double().numpy()
+    assert row["eq_rot90_psnr"] == pytest.approx(peak_signal_noise_ratio(rot_target, rot[0].double().numpy(), data_range=2), abs=1e-4)
 
     html = (out / "report.html").read_text()
     assert html.count('"gallery":{') == 2  # --max-report-images 2
@@ -169,8 +192,11 @@ def test_compare_tool_end_to_end(setup, tmp_path, capsys):
 
 def test_size_option_resizes_and_enables_ms_ssim(setup, tmp_path):
     s = run_compare([("a", setup / "vae_a")], str(setup / "imgs"), tmp_path / "r",
-                    CompareConfig(size=176, lpips="off", fid="off", max_report_images=1))
+                    CompareConfig(size=176, lpips="off", fid="off", max_report_images=1,
+                                  equivariance_scales=(), equivariance_rotation=False))
     assert s["aggregate"]["a"]["ms_ssim"]["n"] == 3
+    assert not any(k.startswith("eq_") for k in s["per_image"][0])  # equivariance turned off
+    assert {m["key"] for m in s["metrics"] if m["group"] == "diffusability"} == {"hf_share", "hf_share_image"}
     assert all(r["width"] == r["height"] == 176 for r in s["per_image"])
     notices = " ".join(s["notices"])
     assert "3 of 3 images were resized (shorter side -> 176) and centre-cropped to 176x176" in notices
@@ -208,6 +234,10 @@ def test_compare_rejects_bad_arguments(setup, tmp_path):
                     CompareConfig(lpips="off", fid="off", crop=4096))
     with pytest.raises(SystemExit):
         _tool().main(["--vae", "a=x", "--data", "d", "--out", "o", "--size", "8", "--crop", "8"])
+    with pytest.raises(ValueError, match="equivariance_scales must be integers >= 2"):
+        CompareConfig(equivariance_scales=(1,))
+    with pytest.raises(ValueError, match="thumb_format"):
+        CompareConfig(thumb_format="gif")
 
 
 def test_tile_option_calls_tiled_codec_with_pixel_and_latent_sizes(setup, tmp_path, monkeypatch):
@@ -230,7 +260,8 @@ def test_tile_option_calls_tiled_codec_with_pixel_and_latent_sizes(setup, tmp_pa
     cfg = CompareConfig(tile=True, tile_size=32, tile_overlap=8, lpips="off", fid="off", max_report_images=0)
     plain = run_compare([("a", setup / "vae_a")], imgs, tmp_path / "plain", CompareConfig(lpips="off", fid="off"))
     tiled = run_compare([("a", setup / "vae_a")], imgs, tmp_path / "tiled", cfg)
-    assert calls == [("encode", 32, 8), ("decode", 8, 2)]  # f = 4
+    # f = 4; the equivariance decodes (1/2, 1/4, rot90) go through the same tiled decoder.
+    assert calls == [("encode", 32, 8)] + [("decode", 8, 2)] * 4
     assert tiled["per_image"][0]["psnr"] == pytest.approx(plain["per_image"][0]["psnr"], abs=1e-6)
 
 
@@ -250,3 +281,14 @@ def test_real_tiling_close_to_plain(setup, tmp_path):
     tiled = run_compare([("a", setup / "vae_a")], imgs, tmp_path / "t", CompareConfig(tile=True, tile_size=64, tile_overlap=16, **base))
     # Tiling changes the reconstruction slightly (GroupNorm statistics, seams): scores stay close.
     assert tiled["per_image"][0]["psnr"] == pytest.approx(plain["per_image"][0]["psnr"], abs=1.0)
+
+
+def test_equivariance_na_when_the_latent_is_smaller_than_the_scale(setup, tmp_path):
+    imgs = [("tiny", Image.fromarray(skdata.astronaut()).resize((12, 12))), ("ok", Image.fromarray(skdata.coffee()).resize((24, 16)))]
+    s = run_compare([("a", setup / "vae_a"), ("b", setup / "vae_b.safetensors")], imgs, tmp_path / "r",
+                    CompareConfig(lpips="off", fid="off", max_report_images=0))
+    rows = {(r["vae"], r["image"]): r for r in s["per_image"]}
+    assert rows[("a", "tiny")]["eq_down4_psnr"] is None and math.isfinite(rows[("a", "tiny")]["eq_down2_psnr"])  # 3x3 latent
+    assert math.isfinite(rows[("b", "ok")]["eq_down4_psnr"])  # 6x4 latent
+    assert "Equivariance PSNR at 1/4 scale is n/a for 1 of 2 images" in " ".join(s["notices"])
+    assert s["aggregate"]["a"]["eq_down4_psnr"]["n"] == 1

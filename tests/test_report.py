@@ -49,6 +49,25 @@ def test_worst_window_finds_the_planted_error():
     assert rep.worst_window(torch.rand(8, 8), 64)[2] == 8  # never larger than the image
 
 
+def test_thumbnails_are_jpeg_444_and_small():
+    import base64
+    import io
+
+    from PIL import JpegImagePlugin
+
+    photo = np.asarray(Image.fromarray(skdata.astronaut()).resize((256, 256), Image.LANCZOS))
+    png, jpg = rep.image_data_uri(photo, "png"), rep.image_data_uri(photo, "jpeg", 90)
+    assert png.startswith("data:image/png;base64,") and jpg.startswith("data:image/jpeg;base64,")
+    img = Image.open(io.BytesIO(base64.b64decode(jpg.split(",", 1)[1])))
+    assert JpegImagePlugin.get_sampling(img) == 0  # 4:4:4: no chroma subsampling to blur colour artefacts
+    err = np.abs(np.asarray(img.convert("RGB")).astype(int) - photo).mean()
+    assert err < 2.5 and len(jpg) * 3 < len(png)  # close to the pixels at a third of the bytes or less
+    webp = rep.image_data_uri(photo, "webp", 90)
+    assert webp.startswith("data:image/webp;base64,") and len(webp) < len(png)
+    with pytest.raises(ValueError, match="png, jpeg or webp"):
+        rep.image_data_uri(photo, "gif")
+
+
 def test_script_payload_cannot_close_the_script_tag():
     page = rep.render_html({"title": "t", "notices": ["</script><b>x"], "metrics": [], "vaes": [], "images": [],
                             "aggregate": {}, "latent_health": {}, "rfid": {}, "key": "</script>"})
@@ -97,8 +116,13 @@ def test_report_renders_and_sorts_in_chromium(chromium, report, tmp_path):
     r = _run_chromium(chromium, ["--dump-dom", f"file://{path}#sort=-2"], tmp_path)
     dom = r.stdout.decode("utf-8", "replace")
     assert r.returncode == 0 and "<html" in dom, r.stderr.decode()[-2000:]
-    assert "rendered 3 images, 20 pictures" in dom  # 2 gallery cards x (original + crop + 2 VAEs x 4)
-    assert len(re.findall(r'<tr data-vae="', dom)) == 2
+    # 2 gallery cards x (original + crop + 2 VAEs x 4); plots: rate-distortion for PSNR and SSIM (LPIPS off),
+    # distributions of PSNR and SSIM (MS-SSIM n/a), the paired PSNR differences, the spectrum.
+    assert "rendered 3 images, 20 pictures, 6 plots" in dom
+    agg = re.search(r'<table id="aggregate">.*?</table>', dom, re.S).group(0)
+    assert len(re.findall(r'<tr data-vae="', agg)) == 2
+    dif = re.search(r'<table id="diffusability">.*?</table>', dom, re.S).group(0)
+    assert len(re.findall(r'<tr data-vae="', dif)) == 2 and "latent HF share" in dif and "eq-PSNR rot90 dB" in dif
     assert len(re.findall(r'<table class="health"', dom)) == 2
     assert len(re.findall(r'<tr data-paired="c16"', dom)) == 1  # paired differences to the baseline c4
     order = re.findall(r'<tr data-image="(\d+)"', dom)
@@ -108,7 +132,9 @@ def test_report_renders_and_sorts_in_chromium(chromium, report, tmp_path):
     # The gallery follows the table's order.
     cards = [int(i) for i in re.findall(r'id="img-(\d+)"', dom)]
     assert cards == [int(i) for i in order if int(i) in (0, 1)]
-    assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 20
+    # Thumbnails and heat maps are JPEG; zoomed crops and latents lossless PNG.
+    assert len(re.findall(r'<img src="data:image/jpeg;base64,', dom)) == 10
+    assert len(re.findall(r'<img src="data:image/png;base64,', dom)) == 10
 
 
 def test_report_screenshot_is_not_blank(chromium, report, tmp_path):
@@ -122,3 +148,51 @@ def test_report_screenshot_is_not_blank(chromium, report, tmp_path):
     drawn = (np.abs(img - background).sum(-1) > 30).mean()
     assert drawn > 0.05, f"only {drawn:.1%} of the screenshot differs from the page background"
     assert img.std() > 20
+
+
+def _plot_boxes(dom: str) -> dict[str, tuple[int, int, int, int]]:
+    """``{svg id: (left, top, width, height)}`` as the page's script measured them."""
+    out = {}
+    for tag in re.findall(r'<svg [^>]*class="plot"[^>]*>', dom):
+        pid, box = re.search(r'id="([^"]+)"', tag).group(1), re.search(r'data-box="([^"]+)"', tag).group(1)
+        out[pid] = tuple(int(v) for v in box.split(","))
+    return out
+
+
+def _near(img: np.ndarray, hex_colour: str, tol: int = 40) -> int:
+    rgb = np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(img - rgb).sum(-1) < tol).sum())
+
+
+def test_report_plots_render_in_chromium(chromium, report, tmp_path):
+    """The SVG plots are in the DOM with their marks, and a screenshot shows them where the DOM says."""
+    from latentae.svgplot import color
+
+    path, s = report
+    width = 1200
+    r = _run_chromium(chromium, [f"--window-size={width},900", "--dump-dom", f"file://{path}"], tmp_path)
+    dom = r.stdout.decode("utf-8", "replace")
+    assert r.returncode == 0, r.stderr.decode()[-2000:]
+    boxes = _plot_boxes(dom)
+    assert set(boxes) == {"rd-psnr", "rd-ssim", "dist-psnr", "dist-ssim", "paired-psnr", "spectrum"}
+    rd = re.search(r'<svg [^>]*id="rd-psnr".*?</svg>', dom, re.S).group(0)
+    assert [f for f in re.findall(r'<circle [^>]*fill="(#[0-9A-Fa-f]{6})"', rd)] == [color(0), color(1)]
+    assert ">c4</text>" in rd and ">c16</text>" in rd  # points are labelled with the VAE names
+    spec = re.search(r'<svg [^>]*id="spectrum".*?</svg>', dom, re.S).group(0)
+    assert len(re.findall(r'<polyline class="series"', spec)) == 3  # two VAEs + the images at 1/4
+    dist = re.search(r'<svg [^>]*id="dist-psnr".*?</svg>', dom, re.S).group(0)
+    assert len(re.findall(r'<g class="box"', dist)) == 2 and len(re.findall(r"<title>", dist)) >= 2 * 3
+
+    bottom = max(t + h for _, t, _, h in boxes.values())
+    shot = tmp_path / "plots.png"
+    r = _run_chromium(chromium, [f"--window-size={width},{bottom + 40}", "--hide-scrollbars", f"--screenshot={shot}", f"file://{path}"], tmp_path)
+    assert r.returncode == 0 and shot.is_file(), r.stderr.decode()[-2000:]
+    img = np.asarray(Image.open(shot).convert("RGB")).astype(np.int16)
+    for pid, (left, top, w, h) in boxes.items():
+        assert w >= 200 and h >= 200, (pid, w, h)
+        crop = img[top : top + h, left : left + w]
+        ink = (np.abs(crop - 255).sum(-1) > 100).mean()  # on the plot's white background; grid lines are lighter
+        assert 0.02 < ink < 0.6, f"{pid}: {ink:.1%} of its box is drawn"
+        # Each VAE's marks are visible in its colour (the paired plot shows only the non-baseline VAE).
+        for c in ([color(1)] if pid.startswith("paired") else [color(0), color(1)]):
+            assert _near(crop, c) > 30, (pid, c)

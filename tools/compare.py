@@ -11,10 +11,14 @@ differences, rFID, latent health) and OUT/report.html (self-contained, sortable)
 
 Metrics: PSNR, SSIM, MS-SSIM (images >= 176 px), LPIPS-VGG/-AlexNet, rFID, and the latent
 rate in bits per pixel (latent elements x --latent-bits / pixels), so a 16-channel VAE is
-compared at its real rate. LPIPS and rFID need pretrained backbones on disk (nothing is
-downloaded): by default they are skipped with a notice naming the missing file;
---offline (or --lpips random / --fid random) runs them on seeded random backbones,
-clearly labelled as not-a-metric, for tests and demos.
+compared at its real rate. Diffusability: the share of the latent's energy above half its
+Nyquist frequency next to the image's, and the equivariance PSNR of decode(T(z)) vs T(x)
+for T = area downsampling (--eq-scales) and a 90-degree rotation (latentae.diffusability).
+
+LPIPS and rFID need pretrained backbones on disk (nothing is downloaded): by default
+they are skipped with a notice naming the missing file; --offline (or --lpips random /
+--fid random) runs them on seeded random backbones, clearly labelled as not-a-metric,
+for tests and demos.
 """
 
 from __future__ import annotations
@@ -50,6 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-images", type=int, help="stop after N images")
     p.add_argument("--max-report-images", type=int, default=24, help="gallery entries in report.html (default 24)")
     p.add_argument("--thumb-size", type=int, default=256, help="gallery thumbnail size in pixels (default 256)")
+    p.add_argument("--thumb-format", choices=["jpeg", "webp", "png"], default="jpeg",
+                   help="gallery thumbnails (default jpeg: q90 4:4:4, heat maps q75; zoomed crops and latents are always PNG)")
+    p.add_argument("--thumb-quality", type=int, default=90, help="JPEG/WebP quality 1-100 (default 90)")
+    p.add_argument("--eq-scales", type=int, nargs="*", default=[2, 4], metavar="S",
+                   help="equivariance PSNR at 1/S scale for each S (default 2 4; none: --eq-scales)")
+    p.add_argument("--no-eq-rotation", action="store_true", help="skip the 90-degree rotation equivariance PSNR")
     p.add_argument("--active-kl", type=float, default=DEFAULT_ACTIVE_KL,
                    help=f"a latent channel is active if its KL per element exceeds this many nats (default {DEFAULT_ACTIVE_KL})")
     p.add_argument("--latent-bits", type=int, default=16, choices=[8, 16, 32], help="bits per stored latent element (default 16)")
@@ -65,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = CompareConfig(
             size=a.size, crop=a.crop, tile=a.tile, tile_size=a.tile_size, tile_overlap=a.tile_overlap,
             lpips=lpips, fid=fid, max_images=a.max_images, max_report_images=a.max_report_images,
-            thumb_size=a.thumb_size, active_kl=a.active_kl, latent_bits=a.latent_bits,
+            thumb_size=a.thumb_size, thumb_format=a.thumb_format, thumb_quality=a.thumb_quality,
+            equivariance_scales=tuple(a.eq_scales), equivariance_rotation=not a.no_eq_rotation,
+            active_kl=a.active_kl, latent_bits=a.latent_bits,
             device=a.device, dtype=a.dtype, seed=a.seed,
         )
         vaes = [parse_vae_arg(v) for v in a.vae]
