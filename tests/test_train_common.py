@@ -23,6 +23,7 @@ from latentae.recipe import Config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train" / "train.py"
+CRASH_LAUNCHER = REPO / "tests" / "crash_launcher.py"
 CONFIGS = REPO / "configs"
 
 
@@ -91,9 +92,23 @@ def subprocess_env(threads: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120):
+def run_train(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    kill_after_step: int | None = None,
+    kill_in_checkpoint: int | None = None,
+):
+    """train/train.py in a subprocess; with a kill_* argument, through tests/crash_launcher.py,
+    which SIGKILLs the process at that moment (see there)."""
+    cmd = [sys.executable, str(TRAIN_PY), *args]
+    if kill_after_step is not None or kill_in_checkpoint is not None:
+        kills = [f"--kill-after-step={kill_after_step}"] if kill_after_step is not None else []
+        kills += [f"--kill-in-checkpoint={kill_in_checkpoint}"] if kill_in_checkpoint is not None else []
+        cmd = [sys.executable, str(CRASH_LAUNCHER), *kills, "--", *args]
     return subprocess.run(
-        [sys.executable, str(TRAIN_PY), *args],
+        cmd,
         env=env or subprocess_env(),
         capture_output=True,
         text=True,
