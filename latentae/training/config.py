@@ -125,16 +125,13 @@ def effective_lrs(tc: TrainConfig, processes: int) -> LearningRates:
         raise ValueError(f"the number of processes must be >= 1, got {processes}")
     base_disc = tc.disc_lr if tc.disc_lr is not None else tc.lr
     if not tc.scale_lr:
-        why = (
-            f"VAE {tc.lr:.3g}, discriminator {base_disc:.3g} (train.scale_lr=false: the rates as written, "
-            f"global batch {processes * tc.batch_size * tc.grad_accum_steps})"
-        )
+        why = f"VAE {tc.lr:.2e}, discriminator {base_disc:.2e} (train.scale_lr=false: the rates as written)"
         return LearningRates(tc.lr, base_disc, 1, why)
     factor = processes * tc.batch_size * tc.grad_accum_steps
     terms = f"{processes} processes x {tc.batch_size} batch x {tc.grad_accum_steps} accumulation"
     why = (
-        f"VAE {tc.lr * factor:.3g} = {tc.lr:.3g} (train.lr) x {terms}; discriminator {base_disc * factor:.3g} = "
-        f"{base_disc:.3g} ({'train.disc_lr' if tc.disc_lr is not None else 'train.lr'}) x {terms} (train.scale_lr=true)"
+        f"VAE {tc.lr * factor:.2e} = {tc.lr:.2e} (train.lr) x {terms}; discriminator {base_disc * factor:.2e} = "
+        f"{base_disc:.2e} ({'train.disc_lr' if tc.disc_lr is not None else 'train.lr'}) x {terms} (train.scale_lr=true)"
     )
     return LearningRates(tc.lr * factor, base_disc * factor, factor, why)
 

@@ -10,6 +10,11 @@ Counted (while the context is active, in this thread):
     ``if tensor:``, ``'%f' % tensor``), torch.equal, Tensor.nonzero / torch.nonzero
     (data-dependent output shape), .cpu() / .to("cpu") of a tensor that is *not* on the
     CPU already, and torch.cuda.synchronize / Stream.synchronize / Event.synchronize.
+On a CPU-only machine every tensor is a host tensor, so reads are counted as if the
+code ran on a GPU, except reads made by code that only ever handles host tensors: the
+data pipeline (``torch.utils.data``, ``latentae.data``, ``latentae.imageio``) and the
+optimizers' step counters (``torch.optim``'s ``_get_value``: torch keeps them on the
+CPU on every device, precisely so that reading them costs no sync).
 Not counted: waits inside library kernels or collectives, blocking host-to-device
 copies, allocator retries. ``.cpu()`` of a CPU tensor is free and not counted, so on a
 CPU-only machine a bare ``.cpu()`` of a would-be device tensor goes unseen (a
@@ -22,6 +27,7 @@ following ``.numpy()`` / ``.tolist()`` is seen).
 
 from __future__ import annotations
 
+import sys
 from collections import Counter
 from typing import Any
 
@@ -29,6 +35,24 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__index__", "equal", "nonzero"}
+
+
+# Code that handles host tensors only (see the module docstring): its reads are no syncs.
+HOST_SIDE_FILES = ("/torch/utils/data/", "/latentae/data.py", "/latentae/imageio.py")
+
+
+def _host_side_caller(depth: int = 4) -> bool:
+    frame = sys._getframe(2)  # 0: this function, 1: __torch_function__, 2: the caller of the tensor method
+    for _ in range(depth):
+        if frame is None:
+            return False
+        name = frame.f_code.co_filename.replace("\\", "/")
+        if any(h in name for h in HOST_SIDE_FILES):
+            return True
+        if frame.f_code.co_name == "_get_value" and name.endswith("/torch/optim/optimizer.py"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _is_to_host(name: str, args: tuple, kwargs: dict) -> bool:
@@ -62,7 +86,9 @@ class HostSyncCounter(TorchFunctionMode):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         if name in _READS or _is_to_host(name, args, kwargs):
-            self.by_kind[name.strip("_")] += 1
+            first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if first is None or first.device.type != "cpu" or not _host_side_caller():
+                self.by_kind[name.strip("_")] += 1
         return func(*args, **kwargs)
 
     def __enter__(self):

@@ -51,10 +51,10 @@ def optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScale
     not finite (nothing is saved from that state).
     """
     scaler.unscale_(optimizer)
-    grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads, foreach=True)  # one batched reduction, stays on the device
+    params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)  # batched, stays on the device
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm, foreach=True)
     scaler.step(optimizer)
     scaler.update()
     return norm.detach()
