@@ -133,7 +133,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def test_shipped_configs_carry_the_ldm_recipe():
     for name in ("sd-f8c4", "sd-f8c16"):
         cfg = load_config(CONFIGS / f"{name}.yaml")
-        assert cfg.train.lr == 4.5e-6 and cfg.train.betas == (0.5, 0.9) and cfg.train.optimizer == "adam"
+        # LDM's base_learning_rate, scaled by processes x batch x accumulation as LDM's main.py does.
+        assert cfg.train.lr == 4.5e-6 and cfg.train.scale_lr and cfg.train.batch_size == 12
+        assert cfg.train.betas == (0.5, 0.9) and cfg.train.optimizer == "adam"
         assert cfg.loss.kl_weight == 1e-6 and cfg.loss.kl_reduction == "sum_mean" == cfg.loss.nll_reduction
         assert cfg.loss.disc_start == 50001 and cfg.loss.disc_weight == 0.5 and cfg.loss.perceptual_weight == 1.0
         assert cfg.data.resolution == 256 and cfg.loss.lpips_pretrained
@@ -141,6 +143,7 @@ def test_shipped_configs_carry_the_ldm_recipe():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.loss.lpips_pretrained, "the offline switch belongs on the command line, not in the file"
         assert cfg.data.resolution <= 128 and cfg.train.batch_size <= 8 and cfg.train.lr >= 1e-4
+        assert not cfg.train.scale_lr  # the rate as written
         assert cfg.data.resolution >= cfg.discriminator.min_size
 
 
