@@ -31,7 +31,7 @@ def build_optimizer(
     already), "foreach" (a few batched kernels) or "for_loop" (one tensor at a time).
     All three compute the same update up to float rounding (tested); each is
     deterministic for a fixed parameter list, so resume stays bit-identical.
-    ``latentae.training.policy.optimizer_impl`` picks fused on CUDA, foreach elsewhere.
+    ``latentae.training.policy.optimizer_impl`` picks fused on CUDA and CPU, foreach elsewhere.
     """
     params = [p for p in params if p.requires_grad]
     if not params:

@@ -37,7 +37,8 @@ def _steps(t: Trainer, n: int) -> list:
 
 
 def test_device_and_precision_policy():
-    assert policy.optimizer_impl("cuda") == "fused" and policy.optimizer_impl("cpu") == "foreach"
+    assert policy.optimizer_impl("cuda") == "fused" == policy.optimizer_impl("cpu")
+    assert policy.optimizer_impl("mps") == "foreach"
     assert policy.backend_flags(False) == {"cudnn_benchmark": True, "cudnn_deterministic": False,
                                            "deterministic_algorithms": False}  # fmt: skip
     assert policy.backend_flags(True)["cudnn_benchmark"] is False
@@ -54,7 +55,7 @@ def test_trainer_applies_backend_flags_and_effective_lr(tmp_path, caplog):
     # lr 1e-3 (tiny config) x 1 process x 2 batch x 3 accumulation
     assert t.parts.vae_opt.param_groups[0]["lr"] == pytest.approx(6e-3)
     assert t.parts.disc_opt.param_groups[0]["lr"] == pytest.approx(6e-3)
-    assert t.parts.vae_opt.defaults["foreach"] and not t.parts.vae_opt.defaults["fused"]
+    assert t.parts.vae_opt.defaults["fused"] and t.parts.disc_opt.defaults["fused"]
     assert any("VAE 6.00e-03 = 1.00e-03 (train.lr) x 1 processes x 2 batch x 3" in r.getMessage() for r in caplog.records)
     _steps(t, 1)
     path = t.save_checkpoint()
@@ -99,11 +100,12 @@ def test_fused_foreach_and_loop_adam_agree_and_batched_clipping_matches():
         torch.testing.assert_close(p.grad, q.grad)
 
 
-def test_fp16_scaler_per_optimizer_skips_only_the_overflowing_step():
+@pytest.mark.parametrize("impl", ["foreach", "fused"])  # fused: the skip happens inside the kernel
+def test_fp16_scaler_per_optimizer_skips_only_the_overflowing_step(impl):
     torch.manual_seed(0)
     net_a, net_b = nn.Linear(4, 3), nn.Linear(4, 3)
-    opt_a = build_optimizer(net_a.parameters(), kind="adam", lr=0.1, betas=(0.5, 0.9), weight_decay=0.0)
-    opt_b = build_optimizer(net_b.parameters(), kind="adam", lr=0.1, betas=(0.5, 0.9), weight_decay=0.0)
+    kw = dict(kind="adam", lr=0.1, betas=(0.5, 0.9), weight_decay=0.0, impl=impl)
+    opt_a, opt_b = build_optimizer(net_a.parameters(), **kw), build_optimizer(net_b.parameters(), **kw)
     sc_a, sc_b = torch.amp.GradScaler("cpu", init_scale=1024.0), torch.amp.GradScaler("cpu", init_scale=1024.0)
     x = torch.randn(5, 4)
     with torch.autocast("cpu", dtype=torch.float16):
@@ -165,10 +167,12 @@ def test_host_sync_counter_counts_reads():
     assert syncs.count == 1 and "cuda.synchronize" in next(iter(syncs.by_kind))
 
 
-def test_one_host_sync_per_optimizer_step(tmp_path):
-    # The whole step: 2 micro-batches, GAN + discriminator, clipping, EMA, learned logvar, bf16.
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_one_host_sync_per_optimizer_step(tmp_path, precision):
+    # The whole step: 2 micro-batches, GAN + discriminator, clipping, EMA, learned logvar,
+    # mixed precision (fp16: two loss scalers, whose inf checks fused Adam takes on the device).
     t = _trainer(tmp_path, [*GAN_NOW, "train.grad_accum_steps=2", "train.clip_grad_norm=1.0",
-                            "loss.learn_logvar=true", "train.mixed_precision=bf16"])  # fmt: skip
+                            "loss.learn_logvar=true", f"train.mixed_precision={precision}"])  # fmt: skip
     for _ in range(3):
         with HostSyncCounter() as syncs:
             report = t.one_step()
