@@ -287,7 +287,7 @@ class AutoencoderKL(nn.Module):
 
     def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Checkpoint every encoder/decoder block (and mid block) while gradients are on;
-        same results, less activation memory, ~1/3 more compute. No effect under no_grad."""
+        same results, less activation memory (SD-size, 256 px: 0.44x), ~20% more compute. No effect under no_grad."""
         self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     @property

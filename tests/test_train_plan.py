@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -58,7 +59,9 @@ def test_dry_run_reads_no_data_and_builds_no_model(tmp_path, capsys, monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "8")
     missing = tmp_path / "no-such-folder"
     main = _cli()
+    t0 = time.perf_counter()
     assert main(["--config", str(CONFIGS / "sd-f8c4.yaml"), "--dry-run", f"data.path={missing}"]) == 0
+    assert time.perf_counter() - t0 < 10.0  # config work only (~0.1 s); the bound leaves room for a busy machine
     text = capsys.readouterr().out
     assert f"path: {missing}" in text and "scale_lr: true" in text  # the resolved config
     assert "with 8 process(es)" in text and "global batch: 96 images" in text  # WORLD_SIZE by default
