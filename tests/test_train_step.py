@@ -56,7 +56,8 @@ def test_trainer_applies_backend_flags_and_effective_lr(tmp_path, caplog):
     assert t.parts.vae_opt.param_groups[0]["lr"] == pytest.approx(6e-3)
     assert t.parts.disc_opt.param_groups[0]["lr"] == pytest.approx(6e-3)
     assert t.parts.vae_opt.defaults["fused"] and t.parts.disc_opt.defaults["fused"]
-    assert any("VAE 6.00e-03 = 1.00e-03 (train.lr) x 1 processes x 2 batch x 3" in r.getMessage() for r in caplog.records)
+    said = "VAE 6.00e-03 = 1.00e-03 (train.lr) x 1 processes x 2 batch x 3"
+    assert any(said in r.getMessage() for r in caplog.records)
     _steps(t, 1)
     path = t.save_checkpoint()
     assert json.loads((path / "trainer.json").read_text())["effective_lr"] == pytest.approx({"vae": 6e-3, "disc": 6e-3})
@@ -74,7 +75,8 @@ def test_fused_foreach_and_loop_adam_agree_and_batched_clipping_matches():
     shapes = [(8, 4, 3, 3), (8,), (16, 8), (1,)]
     results = {}
     for impl in ("for_loop", "foreach", "fused"):
-        params = [nn.Parameter(torch.randn(s, generator=torch.Generator().manual_seed(i))) for i, s in enumerate(shapes)]
+        gens = [torch.Generator().manual_seed(i) for i in range(len(shapes))]
+        params = [nn.Parameter(torch.randn(s, generator=g)) for s, g in zip(shapes, gens)]
         opt = build_optimizer(params, kind="adamw", lr=1e-2, betas=(0.5, 0.9), weight_decay=0.01, impl=impl)
         for step in range(3):
             for i, p in enumerate(params):

@@ -3,7 +3,7 @@
     python tools/bench_train.py                                  # tiny-f8c4, 64 px, batch 8, CPU
     python tools/bench_train.py --config configs/sd-f8c4.yaml --resolution 256 --batch-size 4   # on a GPU
 
-    python tools/bench_train.py --mixed-precision bf16 train.compile=true     # compile: ours only, the reference stays eager
+    python tools/bench_train.py --mixed-precision bf16 train.compile=true    # compiles ours; the reference stays eager
 
 Both sides run the same work on the same batch: VAE forward/backward with the same
 VAELoss (L1 + LPIPS + KL + adaptive-weight GAN, all active), the discriminator step,
@@ -244,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     o, ref = best["ours"], best["reference"]
     print(
         f"\n{o['device']}, {Path(args.config).name}, {args.resolution} px, batch {args.batch_size}, "
-        f"mixed_precision={args.mixed_precision}" + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
+        f"mixed_precision={args.mixed_precision}"
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
     )
     print(f"ours      : {_row(o)}   per step: {o['sync_kinds']}")
     print(f"reference : {_row(ref)}   (diffusers.AutoencoderKL, eager)")
@@ -259,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _row(res: dict) -> str:
     return (
-        f"{res['ms_per_step']:9.1f} ms/step {res['img_per_s']:8.2f} img/s   peak {res['peak_bytes'] / 2**20:8.1f} MiB   "
+        f"{res['ms_per_step']:9.1f} ms/step {res['img_per_s']:8.2f} img/s   "
+        f"peak {res['peak_bytes'] / 2**20:8.1f} MiB   "
         f"{res['syncs_per_step']:g} host syncs/step"
     )
 

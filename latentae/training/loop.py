@@ -193,7 +193,8 @@ class Trainer:
                     out = self._log(sums, count, images, busy)
                     psnr = {"psnr": f"{self.last_metrics['val/psnr']:.2f}"} if "val/psnr" in self.last_metrics else {}
                     bar.set_postfix(loss=f"{out['loss/total']:.4f}", rec=f"{out['loss/rec']:.4f}",
-                                    kl=f"{out['loss/kl']:.1f}", img_s=f"{out['perf/img_per_s']:.1f}", **psnr)  # fmt: skip
+                                    kl=f"{out['loss/kl']:.1f}", img_s=f"{out['perf/img_per_s']:.1f}",
+                                    **psnr)  # fmt: skip
                     sums, count, images, busy = {}, 0, 0, 0.0
                 if report.stop:  # agreed by all ranks at this step: checkpoint, then end
                     stopped = self.control.stop_reason or "a stop request from another process"
