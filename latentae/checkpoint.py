@@ -5,7 +5,7 @@ Layout::
     OUTPUT/checkpoints/step-000001000/      one directory per checkpoint (the step = optimizer steps done)
         vae.safetensors                      VAE weights (latentae.io format: ``load_vae`` reads it)
         vae_ema.safetensors                  EMA weights (when EMA is on)
-        ...                                  whatever else the trainer writes (see latentae.trainer)
+        ...                                  whatever else the trainer writes (see latentae.training.state)
         trainer.json                         the manifest, written last: step, file sizes, ...
 
 Atomicity: a checkpoint is written into ``checkpoints/.tmp-step-XXXXXXXXX/``, every
@@ -18,10 +18,6 @@ A ``step-*`` directory is *healthy* when its manifest parses and every file it
 lists exists with the recorded size; only healthy checkpoints are resumed from,
 and rotation (keep the newest ``keep_last``) counts only healthy ones, so it can
 never delete the newest good checkpoint.
-
-Test hook (for the crash tests, harmless otherwise): with the environment variable
-``LATENTAE_TEST_KILL_IN_CHECKPOINT=<step>`` the process SIGKILLs itself halfway
-through writing the checkpoint of that step (some files written, no manifest, no rename).
 """
 
 from __future__ import annotations
@@ -30,14 +26,12 @@ import json
 import os
 import re
 import shutil
-import signal
 from pathlib import Path
 from typing import Any, Callable
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "trainer.json"
 TMP_PREFIX = ".tmp-"
-KILL_HOOK_ENV = "LATENTAE_TEST_KILL_IN_CHECKPOINT"
 _STEP_RE = re.compile(r"step-(\d+)")
 
 
@@ -171,11 +165,8 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    kill_at = os.environ.get(KILL_HOOK_ENV)
     sizes: dict[str, int] = {}
-    for i, (name, write) in enumerate(writers.items()):
-        if kill_at is not None and int(kill_at) == step and i == max(len(writers) // 2, 1):
-            os.kill(os.getpid(), signal.SIGKILL)  # test hook: die mid-write (see module docstring)
+    for name, write in writers.items():
         path = tmp / name
         write(path)
         _fsync_path(path)
@@ -218,7 +209,6 @@ def rotate(output_dir: str | Path, keep_last: int) -> list[Path]:
 
 __all__ = [
     "CHECKPOINTS",
-    "KILL_HOOK_ENV",
     "MANIFEST",
     "CheckpointError",
     "checkpoints_dir",

@@ -69,6 +69,9 @@ class ActNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(1, channels, 1, 1))
         # uint8 rather than bool: every collective backend broadcasts it (DDP broadcast_buffers).
         self.register_buffer("initialized", torch.zeros((), dtype=torch.uint8))
+        # Host-side memo of "initialized is 1": reading the buffer is a device-to-host sync,
+        # so it is read until it says 1, then never again (a load_state_dict resets the memo).
+        self._known_initialized = False
 
     @torch.no_grad()
     def _init_from(self, x: torch.Tensor) -> None:
@@ -84,10 +87,16 @@ class ActNorm(nn.Module):
         self.bias.copy_((-mean * scale).view_as(self.bias))
         self.initialized.fill_(1)
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Only a training batch initialises: eval calls must not freeze in statistics.
-        if self.training and not bool(self.initialized):
-            self._init_from(x)
+        if self.training and not self._known_initialized:
+            if not bool(self.initialized):
+                self._init_from(x)
+            self._known_initialized = True
         return x * self.scale + self.bias
 
 

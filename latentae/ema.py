@@ -5,6 +5,12 @@
 The average lives in a full fp32 copy of the model, so it can be evaluated and
 saved with the same code as the model itself. Under mixed precision the trained
 weights are fp32 masters too, so nothing is rounded on the way in.
+
+The copy is a *plain* module: whatever was patched onto the source instance (an
+autocast-wrapped ``forward`` as Accelerate's mixed precision installs, an
+``nn.Module.compile()`` call implementation) is removed, so evaluating the EMA runs
+its own eager fp32 forward, never a wrapper (which for ``compile()`` would even call
+the *source* model, since a deep copy keeps the compiled function's binding).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ class EMA:
         if every < 1:
             raise ValueError(f"EMA update interval must be >= 1, got {every}")
         self.decay, self.every = decay, every
-        self.model = copy.deepcopy(model).float().eval().requires_grad_(False)
+        self.model = plain_copy(model).float().eval().requires_grad_(False)
 
     @torch.no_grad()
     def update(self, model: nn.Module, step: int) -> None:
@@ -46,4 +52,15 @@ class EMA:
         self.model.load_state_dict(state)
 
 
-__all__ = ["EMA"]
+def plain_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` with instance-level forward patches removed (see the module docstring)."""
+    out = copy.deepcopy(model)
+    for m in out.modules():
+        m.__dict__.pop("forward", None)  # instance attribute shadowing the class's forward
+        m.__dict__.pop("_original_forward", None)
+        if getattr(m, "_compiled_call_impl", None) is not None:
+            m._compiled_call_impl = None
+    return out
+
+
+__all__ = ["EMA", "plain_copy"]

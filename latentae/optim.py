@@ -23,18 +23,24 @@ def build_optimizer(
     lr: float,
     betas: tuple[float, ...],
     weight_decay: float,
+    impl: Literal["fused", "foreach", "for_loop"] = "foreach",
 ) -> torch.optim.Optimizer:
     """Adam (L2 penalty folded into the gradient) or AdamW (decoupled decay).
 
-    ``foreach=False``: the per-parameter loop gives the same bits whatever the
-    grouping of tensors, so a resumed run matches an uninterrupted one exactly
-    (the fused/foreach paths are deterministic too on CPU, but we do not depend on it).
+    ``impl``: "fused" (one kernel over all tensors; needs the parameters on their device
+    already), "foreach" (a few batched kernels) or "for_loop" (one tensor at a time).
+    All three compute the same update up to float rounding (tested); each is
+    deterministic for a fixed parameter list, so resume stays bit-identical.
+    ``latentae.training.policy.optimizer_impl`` picks fused on CUDA and CPU, foreach elsewhere.
     """
     params = [p for p in params if p.requires_grad]
     if not params:
         raise ValueError("the optimizer got no trainable parameters")
+    if impl not in ("fused", "foreach", "for_loop"):
+        raise ValueError(f"optimizer impl must be fused, foreach or for_loop, got {impl!r}")
     cls = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
-    return cls(params, lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay, foreach=False)
+    flags = {"fused": impl == "fused", "foreach": impl == "foreach"}
+    return cls(params, lr=lr, betas=(betas[0], betas[1]), weight_decay=weight_decay, **flags)
 
 
 def lr_factor(step: int, *, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:

@@ -4,7 +4,7 @@
     loss:           latentae.losses.LossConfig                 L1/L2 + LPIPS + KL + GAN weights and schedule
     discriminator:  latentae.discriminator.DiscriminatorConfig PatchGAN shape
     data:           latentae.data.DataConfig                   where images come from, crop size
-    train:          latentae.trainer.TrainConfig               optimisation, precision, EMA, checkpoints, logging
+    train:          latentae.training.config.TrainConfig       optimisation, precision, speed, EMA, checkpoints, logging
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from latentae.data import DataConfig
 from latentae.discriminator import DiscriminatorConfig
 from latentae.losses import LossConfig
 from latentae.model import ModelConfig
-from latentae.trainer import TrainConfig
+from latentae.training.config import TrainConfig
 
 
 @dataclass(frozen=True)

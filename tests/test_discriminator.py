@@ -85,6 +85,12 @@ def test_actnorm_standardises_first_training_batch_only():
     scale = norm.scale.detach().clone()
     norm(x * 10 + 3)  # a second batch must not re-initialise
     assert torch.equal(norm.scale, scale)
+    # The flag is read from the buffer once (a host sync), then remembered; loading a state
+    # that says "not initialised" makes the next training batch initialise again.
+    fresh = ActNorm(3).state_dict()
+    norm.load_state_dict(fresh)
+    norm(x * 10 + 3)
+    assert norm.initialized.item() == 1 and not torch.equal(norm.scale, scale)
 
 
 def test_actnorm_init_survives_state_dict_load():

@@ -1,9 +1,9 @@
 """Killed with SIGKILL (mid-step and mid-checkpoint-write) and resumed: bit-identical to an uninterrupted run.
 
-The kills use the trainer's documented test hooks (environment variables), so they
-land at exact, reproducible moments:
-    LATENTAE_TEST_KILL_IN_CHECKPOINT=N   halfway through writing checkpoint step N
-    LATENTAE_TEST_KILL_AFTER_STEP=N      right after optimizer step N, before its checkpoint
+The kills are injected from the test side (tests/crash_launcher.py monkeypatches the real
+trainer, then runs the real entry point), so they land at exact, reproducible moments:
+    kill_in_checkpoint=N   halfway through writing checkpoint step N
+    kill_after_step=N      right after optimizer step N, before its checkpoint
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import signal
 
 import torch
 
-from test_train_common import assert_same_tensors, make_images, read_weights, run_train, subprocess_env, write_config
+from test_train_common import assert_same_tensors, make_images, read_weights, run_train, write_config
 
 FILES = ("vae.safetensors", "vae_ema.safetensors", "discriminator.safetensors", "loss.safetensors")
 
@@ -30,13 +30,12 @@ def test_sigkill_anywhere_then_resume_latest_is_bit_identical(tmp_path):
 
     out = str(tmp_path / "run")
     # 1) killed while writing checkpoint 4: step-2 is complete, .tmp-step-4 half-written.
-    r = run_train([*common, "--output-dir", out], env=subprocess_env(LATENTAE_TEST_KILL_IN_CHECKPOINT="4"))
+    r = run_train([*common, "--output-dir", out], kill_in_checkpoint=4)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     ckdir = tmp_path / "run" / "checkpoints"
     assert sorted(p.name for p in ckdir.iterdir()) == [".tmp-step-000000004", "step-000000002"]
     # 2) resumed from step 2, killed right after step 5 (checkpoint 4 complete, 5 not written).
-    r = run_train([*common, "--output-dir", out, "--resume", "latest"],
-                  env=subprocess_env(LATENTAE_TEST_KILL_AFTER_STEP="5"))  # fmt: skip
+    r = run_train([*common, "--output-dir", out, "--resume", "latest"], kill_after_step=5)
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "removed a half-written checkpoint" in r.stderr and "resumed from" in r.stderr and "(step 2)" in r.stderr
     assert sorted(p.name for p in ckdir.iterdir()) == ["step-000000002", "step-000000004"]

@@ -18,7 +18,9 @@ from latentae.io import load_vae, save_diffusers, save_ldm
 from latentae.losses import VAELoss
 from latentae.model import build_vae
 from latentae.recipe import load_config
-from latentae.trainer import NonFiniteError, StartupError, Trainer, initial_vae, train
+from latentae.training.errors import NonFiniteError, StartupError
+from latentae.training.loop import Trainer, train
+from latentae.training.models import initial_vae
 
 from test_train_common import TRAIN_PY, make_images, read_weights, subprocess_env, tiny_config, write_config
 
@@ -173,8 +175,8 @@ def test_decoder_only_finetune_from_ldm_file_keeps_latents(tmp_path):
         [f"train.init_from={ldm_file}", "train.finetune=decoder", "train.max_steps=3", "train.checkpoint_every=3"],
     )
     trainer = Trainer(cfg, tmp_path / "run")
-    vae = trainer.acc.unwrap_model(trainer.vae)
-    trained = {id(p) for g in trainer.vae_opt.param_groups for p in g["params"]}
+    vae = trainer.parts.vae_raw
+    trained = {id(p) for g in trainer.parts.vae_opt.param_groups for p in g["params"]}
     decoder_side = {id(p) for m in (vae.decoder, vae.post_quant_conv) for p in m.parameters()}
     assert trained == decoder_side  # encoder + quant_conv: not in the optimizer
     assert not any(p.requires_grad for m in (vae.encoder, vae.quant_conv) for p in m.parameters())

@@ -23,6 +23,7 @@ from latentae.recipe import Config, dump_config, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PY = REPO / "train" / "train.py"
+CRASH_LAUNCHER = REPO / "tests" / "crash_launcher.py"
 CONFIGS = REPO / "configs"
 
 
@@ -91,9 +92,23 @@ def subprocess_env(threads: int = 1, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_train(args: list[str], *, env: dict[str, str] | None = None, timeout: float = 120):
+def run_train(
+    args: list[str],
+    *,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+    kill_after_step: int | None = None,
+    kill_in_checkpoint: int | None = None,
+):
+    """train/train.py in a subprocess; with a kill_* argument, through tests/crash_launcher.py,
+    which SIGKILLs the process at that moment (see there)."""
+    cmd = [sys.executable, str(TRAIN_PY), *args]
+    if kill_after_step is not None or kill_in_checkpoint is not None:
+        kills = [f"--kill-after-step={kill_after_step}"] if kill_after_step is not None else []
+        kills += [f"--kill-in-checkpoint={kill_in_checkpoint}"] if kill_in_checkpoint is not None else []
+        cmd = [sys.executable, str(CRASH_LAUNCHER), *kills, "--", *args]
     return subprocess.run(
-        [sys.executable, str(TRAIN_PY), *args],
+        cmd,
         env=env or subprocess_env(),
         capture_output=True,
         text=True,
@@ -118,7 +133,9 @@ def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], 
 def test_shipped_configs_carry_the_ldm_recipe():
     for name in ("sd-f8c4", "sd-f8c16"):
         cfg = load_config(CONFIGS / f"{name}.yaml")
-        assert cfg.train.lr == 4.5e-6 and cfg.train.betas == (0.5, 0.9) and cfg.train.optimizer == "adam"
+        # LDM's base_learning_rate, scaled by processes x batch x accumulation as LDM's main.py does.
+        assert cfg.train.lr == 4.5e-6 and cfg.train.scale_lr and cfg.train.batch_size == 12
+        assert cfg.train.betas == (0.5, 0.9) and cfg.train.optimizer == "adam"
         assert cfg.loss.kl_weight == 1e-6 and cfg.loss.kl_reduction == "sum_mean" == cfg.loss.nll_reduction
         assert cfg.loss.disc_start == 50001 and cfg.loss.disc_weight == 0.5 and cfg.loss.perceptual_weight == 1.0
         assert cfg.data.resolution == 256 and cfg.loss.lpips_pretrained
@@ -126,6 +143,7 @@ def test_shipped_configs_carry_the_ldm_recipe():
         cfg = load_config(CONFIGS / f"{name}.yaml")
         assert cfg.loss.lpips_pretrained, "the offline switch belongs on the command line, not in the file"
         assert cfg.data.resolution <= 128 and cfg.train.batch_size <= 8 and cfg.train.lr >= 1e-4
+        assert not cfg.train.scale_lr  # the rate as written
         assert cfg.data.resolution >= cfg.discriminator.min_size
 
 

@@ -10,7 +10,7 @@ from test_train import fresh_accelerate_state  # noqa: F401 - autouse: a fresh A
 from test_train_common import tiny_config
 
 from latentae.config import replace
-from latentae.trainer import train
+from latentae.training.loop import train
 
 
 def test_resume_with_another_worker_count_continues_elastically(tmp_path, caplog):

@@ -3,18 +3,23 @@
     python tools/bench_train.py                                  # tiny-f8c4, 64 px, batch 8, CPU
     python tools/bench_train.py --config configs/sd-f8c4.yaml --resolution 256 --batch-size 4   # on a GPU
 
+    python tools/bench_train.py --mixed-precision bf16 train.compile=true    # compiles ours; the reference stays eager
+
 Both sides run the same work on the same batch: VAE forward/backward with the same
 VAELoss (L1 + LPIPS + KL + adaptive-weight GAN, all active), the discriminator step,
 Adam, gradient clipping and EMA as the config says. "ours" is the real
-``Trainer.train_step`` (Accelerate, finite checks, logging included) fed a fixed batch;
-"reference" is the loop one would write by hand around ``diffusers.AutoencoderKL``.
+``Trainer.one_step`` (the step plus its agreement: finite check, logs, stop/checkpoint
+flags) fed a fixed batch; "reference" is the loop one would write by hand around
+``diffusers.AutoencoderKL`` (eager, torch's default Adam, no logging at all).
 
-Each side runs in its own subprocess (so memory is measured cleanly), twice,
-alternating, and the faster round counts. Besides wall-clock img/s the CPU time
-(process time) is reported: on a shared machine it is the steadier measure of work
-(run with OMP_NUM_THREADS=1 there, or spinning threads inflate it). Printed: img/s, peak memory of the step
-(CUDA: max_memory_allocated; CPU: the peak resident set, Linux; both counted above
-what was allocated before the first step), and the ratios ours / reference (speed > 1 and memory < 1 are better).
+Each side runs in its own subprocess (so memory is measured cleanly), ``--rounds`` times,
+alternating, and the best round counts. Printed per side: milliseconds per step, img/s
+(wall clock, and per CPU-second: on a shared machine the steadier measure of work; run
+with OMP_NUM_THREADS=1 there, or spinning threads inflate it), peak memory of the step
+(CUDA: max_memory_allocated; CPU: the peak resident set, Linux; both counted above what
+was allocated before the first step) and host syncs per step (counted by
+``latentae.training.host_syncs.HostSyncCounter`` over extra, untimed steps), then the
+ratios ours / reference (speed > 1 and memory < 1 are better).
 The LPIPS backbone is random (no download), which costs the same as the real one.
 """
 
@@ -105,10 +110,20 @@ def run_variant(args) -> dict:
     sync()
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
     peak = torch.cuda.max_memory_allocated() - base if device.type == "cuda" else _status_kb("VmHWM") * 1024 - base
+    # Host syncs, over separate steps: the counter intercepts every torch call, which costs time.
+    from latentae.training.host_syncs import HostSyncCounter
+
+    counted = max(1, min(args.steps, 3))
+    with HostSyncCounter() as syncs:
+        for _ in range(counted):
+            step_fn()
     return {
         "img_per_s": args.steps * args.batch_size / seconds,
         "cpu_img_per_s": args.steps * args.batch_size / cpu_seconds,
+        "ms_per_step": 1000.0 * seconds / args.steps,
         "peak_bytes": peak,
+        "syncs_per_step": syncs.count / counted,
+        "sync_kinds": {k: v / counted for k, v in syncs.by_kind.items()},
         "device": str(device),
     }
 
@@ -120,7 +135,7 @@ def _ours(cfg, x, device):
     from PIL import Image
 
     from latentae.config import replace
-    from latentae.trainer import Trainer
+    from latentae.training.loop import Trainer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_train_"))
     data = tmp / "data"
@@ -132,7 +147,7 @@ def _ours(cfg, x, device):
     batch = {"image": x, "key": [""] * len(x), "skipped": []}
     trainer.batches = itertools.repeat(batch)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return trainer.train_step, sync
+    return trainer.one_step, sync
 
 
 def _reference(cfg, x, device):
@@ -145,6 +160,7 @@ def _reference(cfg, x, device):
     from latentae.io import diffusers_config
     from latentae.losses import VAELoss
     from latentae.model import build_vae
+    from latentae.training.config import effective_lrs
 
     tc = cfg.train
     dcfg = {k: v for k, v in diffusers_config(cfg.model).items() if not k.startswith("_")}
@@ -154,8 +170,9 @@ def _reference(cfg, x, device):
     loss_fn = VAELoss(cfg.loss).to(device)
     disc = build_discriminator(cfg.discriminator).to(device).train()
     betas = (tc.betas[0], tc.betas[1])
-    opt = torch.optim.Adam(list(vae.parameters()) + loss_fn.trainable_parameters(), lr=tc.lr, betas=betas)
-    dopt = torch.optim.Adam(disc.parameters(), lr=tc.disc_lr or tc.lr, betas=betas)
+    lrs = effective_lrs(tc, 1)  # the same rates as ours (train.scale_lr)
+    opt = torch.optim.Adam(list(vae.parameters()) + loss_fn.trainable_parameters(), lr=lrs.vae, betas=betas)
+    dopt = torch.optim.Adam(disc.parameters(), lr=lrs.disc, betas=betas)
     ema = copy.deepcopy(vae).requires_grad_(False) if tc.ema_decay > 0 else None
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(tc.mixed_precision)
     autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)  # noqa: E731
@@ -218,27 +235,35 @@ def main(argv: list[str] | None = None) -> int:
                 print(proc.stderr[-4000:], file=sys.stderr)
                 return 1
             res = json.loads(proc.stdout.strip().splitlines()[-1])
-            mib = res["peak_bytes"] / 2**20
-            print(f"round {r + 1} {variant:9s}: {res['img_per_s']:8.2f} img/s   peak {mib:8.1f} MiB")
+            print(f"round {r + 1} {variant:9s}: {_row(res)}")
             prev = best.get(variant, res)
-            best[variant] = {k: max(res[k], prev[k]) for k in ("img_per_s", "cpu_img_per_s")} | {
+            best[variant] = res | {k: max(res[k], prev[k]) for k in ("img_per_s", "cpu_img_per_s")} | {
+                "ms_per_step": min(res["ms_per_step"], prev["ms_per_step"]),
                 "peak_bytes": min(res["peak_bytes"], prev["peak_bytes"]),
-                "device": res["device"],
             }
     o, ref = best["ours"], best["reference"]
     print(
         f"\n{o['device']}, {Path(args.config).name}, {args.resolution} px, batch {args.batch_size}, "
         f"mixed_precision={args.mixed_precision}"
+        + (f", overrides {' '.join(args.overrides)}" if args.overrides else "")
     )
-    print(f"ours      : {o['img_per_s']:8.2f} img/s   peak {o['peak_bytes'] / 2**20:8.1f} MiB")
-    mib = ref["peak_bytes"] / 2**20
-    print(f"reference : {ref['img_per_s']:8.2f} img/s   peak {mib:8.1f} MiB   (diffusers.AutoencoderKL)")
+    print(f"ours      : {_row(o)}   per step: {o['sync_kinds']}")
+    print(f"reference : {_row(ref)}   (diffusers.AutoencoderKL, eager)")
     print(
         f"speed ratio (ours / reference): {o['img_per_s'] / ref['img_per_s']:.3f}x wall-clock, "
         f"{o['cpu_img_per_s'] / ref['cpu_img_per_s']:.3f}x per CPU-second   "
-        f"memory ratio: {o['peak_bytes'] / max(ref['peak_bytes'], 1):.3f}x"
+        f"memory ratio: {o['peak_bytes'] / max(ref['peak_bytes'], 1):.3f}x   "
+        f"host syncs per step: {o['syncs_per_step']:g} vs {ref['syncs_per_step']:g}"
     )
     return 0
+
+
+def _row(res: dict) -> str:
+    return (
+        f"{res['ms_per_step']:9.1f} ms/step {res['img_per_s']:8.2f} img/s   "
+        f"peak {res['peak_bytes'] / 2**20:8.1f} MiB   "
+        f"{res['syncs_per_step']:g} host syncs/step"
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ What it does:
      textures ...; no download) as PNGs into OUTPUT/data/ (shorter side 256 px);
   2. trains configs/tiny-f8c16.yaml (16 latent channels, the SD3/FLUX layout: sharper
      than 4 channels after a few minutes) on random 64 px crops of them, through the same
-     library call as train/train.py (latentae.trainer.train), with the perceptual
+     library call as train/train.py (latentae.training.loop.train), with the perceptual
      loss on a RANDOM LPIPS AlexNet backbone (loss.lpips_pretrained=false: the
      torchvision weights are not downloaded; the term then means little, see the notice);
   3. leaves TensorBoard logs, validation grids (input | reconstruction) and a
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from latentae.recipe import load_config
-    from latentae.trainer import USER_ERRORS, train
+    from latentae.training.errors import USER_ERRORS
+    from latentae.training.loop import train
 
     out = Path(args.output_dir)
     data, run = out / "data", out / "run"

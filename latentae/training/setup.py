@@ -1,0 +1,196 @@
+"""Build everything a run trains with, in one documented order (``set_up``).
+
+The order matters and is written down once, in ``set_up``, with the reason for each
+step; nothing else in the package builds, moves, wraps or restores these objects.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from latentae.data import build_train_loader, build_val_images
+from latentae.ema import EMA
+from latentae.losses import VAELoss
+from latentae.model import AutoencoderKL, build_vae
+from latentae.optim import build_optimizer
+from latentae.training import policy
+from latentae.training.config import LearningRates, effective_lrs
+from latentae.training.errors import StartupError
+from latentae.training.models import freeze_encoder, initial_vae, training_discriminator
+from latentae.training.state import StartPoint, restore_scalers, restore_training_state, set_rng_state
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from latentae.data import TrainLoader
+    from latentae.recipe import Config
+
+log = logging.getLogger("latentae.train")
+
+
+@dataclass
+class Parts:
+    """Everything a training step and a checkpoint touch (built by :func:`set_up`)."""
+
+    acc: Accelerator
+    device: torch.device
+    loader: TrainLoader
+    val_images: torch.Tensor | None  # main process only
+    vae: nn.Module  # prepared: DDP-wrapped when processes > 1; what the step calls
+    vae_raw: AutoencoderKL  # the module itself: last_layer, EMA source, validation, saving
+    loss: VAELoss
+    disc: nn.Module | None  # prepared, for the discriminator's own step
+    disc_raw: nn.Module | None  # for the generator's adversarial term (see VAELoss) and saving
+    vae_opt: torch.optim.Optimizer
+    disc_opt: torch.optim.Optimizer | None
+    # One dynamic loss scaler per optimizer, enabled only for fp16 (a disabled scaler passes
+    # losses and steps through unchanged): each scale follows its own loss's overflows.
+    vae_scaler: torch.amp.GradScaler
+    disc_scaler: torch.amp.GradScaler | None
+    ema: EMA | None  # main process only
+    lrs: LearningRates
+    autocast_dtype: torch.dtype | None
+    # What the step calls: the modules above, or their torch.compile wrappers (train.compile).
+    vae_forward: Callable
+    disc_forward: Callable | None
+    disc_judge: Callable | None
+    noise: torch.Generator  # posterior sampling; reseeded per (seed, step, rank, micro-batch)
+
+    def scalers(self) -> dict[str, torch.amp.GradScaler | None]:
+        return {"vae": self.vae_scaler, "disc": self.disc_scaler}
+
+
+def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
+    """Build data, models, loss, optimizers, scalers and EMA; restore ``start``; wrap; compile."""
+    tc = cfg.train
+    rank, world, device = acc.process_index, acc.num_processes, acc.device
+
+    # 1. Backend flags first: cudnn.benchmark / determinism govern every kernel after this.
+    policy.apply_backend_flags(policy.backend_flags(tc.deterministic))
+    problem = policy.precision_problem(
+        tc.mixed_precision, device.type, bf16_supported=device.type != "cuda" or torch.cuda.is_bf16_supported()
+    )
+    if problem:
+        raise StartupError(problem)
+    notice = policy.precision_notice(tc.mixed_precision, device.type)
+    if notice and acc.is_main_process:
+        log.warning(notice)
+
+    # 2. Data before models: a bad path or an empty folder fails in seconds, not after an
+    #    SD-size VAE and LPIPS were built. On resume the loader continues at the saved position.
+    try:
+        loader = build_train_loader(
+            cfg.data, tc.batch_size, seed=tc.seed, rank=rank, world_size=world,
+            resume_states=start.loader_states if start else None,
+        )  # fmt: skip
+    except (OSError, ValueError) as e:
+        raise StartupError(f"data: {e}") from e
+    val_images = None
+    if acc.is_main_process and tc.num_val_images > 0:
+        try:
+            val_images = build_val_images(cfg.data, tc.num_val_images)
+        except (OSError, ValueError) as e:
+            raise StartupError(f"validation images: {e} (or set train.num_val_images=0)") from e
+
+    # 3. Seed every global RNG alike on every rank, right before the models: identical
+    #    initial weights everywhere (DDP broadcasts the VAE anyway; the loss is not wrapped).
+    random.seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    torch.manual_seed(tc.seed)
+
+    # 4. Modules. On resume the weights come from the checkpoint: init_from is not read again.
+    #    The loss may raise MissingWeightsError (LPIPS backbone not on disk). SyncBatchNorm
+    #    conversion of the discriminator must happen before any DDP wrapping.
+    vae = initial_vae(cfg) if start is None else build_vae(cfg.model)
+    loss = VAELoss(cfg.loss)
+    disc = training_discriminator(cfg, world_size=world, device_type=device.type)
+
+    # 5. Freeze the encoder (decoder fine-tune) before the optimizers: frozen parameters must not enter them.
+    if tc.finetune == "decoder":
+        if tc.init_from is None and start is None:
+            log.warning("train.finetune=decoder without train.init_from: the frozen encoder is random")
+        freeze_encoder(vae)
+
+    # 6. Gradient checkpointing is a flag on the module, read at every forward (so also
+    #    when compile traces it): set before anything runs it.
+    if tc.gradient_checkpointing:
+        vae.enable_gradient_checkpointing()
+
+    # 7. Layout, then device, both before the optimizers: optimizer state is created like
+    #    the parameters (NHWC, on the device), and fused Adam requires device parameters.
+    fmt = torch.channels_last if tc.channels_last else torch.preserve_format
+    vae = vae.to(device=device, memory_format=fmt)
+    loss = loss.to(device=device, memory_format=fmt)
+    disc = disc.to(device=device, memory_format=fmt) if disc is not None else None
+
+    # 8. Optimizers at the effective peak rates (the schedule rewrites them every step),
+    #    and one loss scaler per optimizer.
+    lrs = effective_lrs(tc, world)
+    opt_kw = dict(kind=tc.optimizer, betas=tc.betas, weight_decay=tc.weight_decay,
+                  impl=policy.optimizer_impl(device.type))  # fmt: skip
+    vae_params = [p for p in vae.parameters() if p.requires_grad] + loss.trainable_parameters()
+    vae_opt = build_optimizer(vae_params, lr=lrs.vae, **opt_kw)
+    disc_opt = build_optimizer(disc.parameters(), lr=lrs.disc, **opt_kw) if disc is not None else None
+    scaling = policy.needs_loss_scaler(tc.mixed_precision)
+    vae_scaler = torch.amp.GradScaler(device.type, enabled=scaling)
+    disc_scaler = torch.amp.GradScaler(device.type, enabled=scaling) if disc is not None else None
+
+    # 9. Checkpoint state into the plain modules, optimizers and scalers: before the EMA
+    #    copy (it must start from the restored weights) and before DDP wrapping (DDP
+    #    broadcasts rank 0's parameters when it wraps: they must be the restored ones).
+    ema_state = None
+    if start is not None:
+        ema_state = restore_training_state(
+            start, vae=vae, loss=loss, disc=disc, vae_opt=vae_opt, disc_opt=disc_opt, want_ema=tc.ema_decay > 0
+        )
+        restore_scalers(start.rank_state, {"vae": vae_scaler, "disc": disc_scaler})
+        if acc.is_main_process:
+            log.info("resumed from %s (step %d)", start.path, start.step)
+
+    # 10. EMA (main process): a plain fp32 copy of the module before any wrapper (DDP,
+    #     compile) exists, then its own saved state.
+    ema = None
+    if tc.ema_decay > 0 and acc.is_main_process:
+        ema = EMA(vae, tc.ema_decay, tc.ema_every)
+        if ema_state is not None:
+            ema.load_state_dict(ema_state)
+
+    # 11. DDP wrapping (processes > 1) through Accelerate, models only: the optimizers,
+    #     autocast and loss scaling are ours, so nothing patches the modules' forward
+    #     (validation and the EMA stay plain fp32 modules).
+    if disc is not None:
+        vae_p, disc_p = acc.prepare(vae, disc)
+    else:
+        vae_p, disc_p = acc.prepare(vae), None
+
+    # 12. torch.compile the training forwards after wrapping: compiling the DDP module lets
+    #     dynamo split its graph at the gradient buckets, so communication still overlaps
+    #     the backward. The plain modules stay eager (validation, EMA, saving).
+    vae_forward, disc_forward, disc_judge = vae_p, disc_p, disc
+    if tc.compile:
+        vae_forward = policy.compile_module(vae_p)
+        if disc is not None:
+            disc_forward, disc_judge = policy.compile_module(disc_p), policy.compile_module(disc)
+
+    # 13. RNG states last: nothing after this may draw random numbers, or the resumed
+    #     stream would differ from the uninterrupted one.
+    if start is not None:
+        set_rng_state(start.rank_state["rng"])
+
+    return Parts(
+        acc=acc, device=device, loader=loader, val_images=val_images, vae=vae_p, vae_raw=vae, loss=loss,
+        disc=disc_p, disc_raw=disc, vae_opt=vae_opt, disc_opt=disc_opt, vae_scaler=vae_scaler,
+        disc_scaler=disc_scaler, ema=ema, lrs=lrs, autocast_dtype=policy.autocast_dtype(tc.mixed_precision),
+        vae_forward=vae_forward, disc_forward=disc_forward, disc_judge=disc_judge,
+        noise=torch.Generator(device=device),
+    )  # fmt: skip
+
+
+__all__ = ["Parts", "set_up"]
