@@ -12,7 +12,7 @@ import webdataset as wds
 from test_data import encode, make_shards, noise, same_batches, take
 
 from latentae.data import DataConfig, SlotStream, build_train_loader
-from latentae.data.shards import fresh_slot_state
+from latentae.data.shards import default_plan, fresh_slot_state
 from latentae.sources import ShardPos, expand_shards, iter_shard
 
 RES = 8
@@ -73,8 +73,18 @@ def test_resume_opens_only_the_shards_it_needs(tmp_path):
     held = {u[0] for w in state["workers"] for u in w["open"]} | {b[0] for w in state["workers"] for b in w["buffer"]}
     print(f"\nshard opens: uninterrupted {k}+{m} steps {opened_full}, first {k} steps {opened_head}, resume for "
           f"{m} steps {opened_resume} (the saved state refers to {len(held)} shards)")  # fmt: skip
-    opened_next = max(opened_full - opened_head, 0)
-    assert opened_resume <= len(held) + opened_next
+    # Which shards the resume opened, by index (make_shards names them shard-XXX.tar, pattern order).
+    resumed = [int(line.rsplit("shard-", 1)[1][:3]) for line in log.read_text().splitlines()[1:]]
+    assert len(resumed) == len(set(resumed)), f"a shard was opened twice on resume: {resumed}"
+    # Shards finished before the saved position (started units that are no longer open): never
+    # opened again, except to fetch samples still in the buffer. (What workers had prefetched
+    # past the position is not "finished": the resumed run may open those, once.)
+    finished = set()
+    for w, st in enumerate(state["workers"]):
+        plan = st["plan"] or default_plan(40, 3, st["epoch"], w, len(state["workers"]))
+        finished |= {u[0] for u in plan[: st["next_unit"]]} - {u[0] for u in st["open"]}
+    assert len(finished - held) >= 10  # the check below has something to catch
+    assert not (set(resumed) & (finished - held)), sorted(set(resumed) & (finished - held))
     assert opened_resume < opened_head / 2  # re-reading would open all of opened_head again
 
 
