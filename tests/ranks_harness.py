@@ -83,7 +83,7 @@ def dead(rank: int, world: int) -> None:
     except PeerFailedError as e:
         say(rank=rank, what="dead", value=str(e), failed=e.rank, seconds=time.monotonic() - t0)
         r.stop_watching()
-        time.sleep(FAST["grace_s"] + 1)  # stay alive (hosting the store) while rank 1's watcher works
+        time.sleep(1.0)  # stay alive (hosting the store) until rank 1's watcher has read the report
         sys.exit(1)
 
 

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, metavar="N", help="for --dry-run: processes of the real run "
                    "(default: $WORLD_SIZE, else 1)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after the options
     if not args.dry_run and not args.output_dir:
         p.error("--output-dir is required (unless --dry-run)")
     if args.num_processes is None:

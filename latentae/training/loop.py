@@ -114,12 +114,12 @@ class Trainer:
         # node-local copy of the folder would silently train something else).
         checkpoint = resolve_start(self.out, resume, self.ranks)
         data = share_data(cfg.data, self.out, self.ranks)
-        mine = "; ".join(p for p in (start_view_problem(checkpoint), data.problem) if p)
-        problems = self.ranks.problems("start-up view", f"{mine} (on {self.ranks.host})" if mine else None)
+        mine = "\n".join(f"{p} (on {self.ranks.host})" for p in (start_view_problem(checkpoint), data.problem) if p)
+        problems = self.ranks.problems("start-up view", mine or None)
         if problems:
             raise on_every_rank(StartupError(
                 "the ranks do not see the same run folder and data (both must be on filesystems every node sees, "
-                "with the same content): " + "; ".join(f"rank {r} {p}" for r, p in problems)
+                "with the same content): " + "; ".join(f"rank {r} {p}" for r, ps in problems for p in ps.split("\n"))
             ))  # fmt: skip
         start_path = Path(checkpoint["path"]) if checkpoint["path"] else None
         self.start = open_start(start_path, cfg, rank=self.rank, world_size=self.world) if start_path else None

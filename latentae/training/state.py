@@ -178,13 +178,14 @@ def open_start(path: Path, cfg: Config, *, rank: int, world_size: int) -> StartP
     except Exception as e:
         raise StartupError(f"{path / 'config.yaml'}: unreadable: {e}") from e
     diff = architecture_diff(cfg.model, saved.model)
+    # (The same files and config on every rank, checked at start-up: every rank refuses alike.)
     if diff:
-        raise StartupError(f"cannot resume from {path}: the model section changed ({'; '.join(diff)})")
+        raise on_every_rank(StartupError(f"cannot resume from {path}: the model section changed ({'; '.join(diff)})"))
     if saved.train.finetune != cfg.train.finetune or saved.loss.uses_gan != cfg.loss.uses_gan:
-        raise StartupError(
+        raise on_every_rank(StartupError(
             f"cannot resume from {path}: train.finetune or the use of a discriminator changed "
             "(the optimizer states would not match)"
-        )
+        ))  # fmt: skip
     if manifest.get("num_threads") not in (None, torch.get_num_threads()):
         log.warning(
             "the checkpoint was written with %s torch threads, this run uses %d: results may differ in the "
