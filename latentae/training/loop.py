@@ -229,18 +229,22 @@ class Trainer:
     # -- the loop -------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
+        failed = True
         try:
             result = self._loop()
+            failed = False
         except BaseException as e:
             raise self.ranks.fail(e)  # tells the other ranks; or: another rank failed first
-        else:
-            self.ranks.close()  # rank 0 leaves last: it may host the ranks' store
-            return result
         finally:
             self.ranks.stop_watching()
             self.control.restore_signal_handlers()
             self.batches = None
-            self.acc.end_training()
+            if failed:  # flush the logs; no destroy_process_group (NCCL may wait on the failed peer)
+                for tracker in self.acc.trackers:
+                    tracker.finish()
+        self.ranks.close()  # rank 0 leaves last: it may host the ranks' store
+        self.acc.end_training()
+        return result
 
     def _stop_reason(self) -> str:
         return self.control.stop_reason or "a stop request on another rank"
