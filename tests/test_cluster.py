@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 
 import torch
 
@@ -105,7 +104,3 @@ def test_one_rank_failing_in_the_step_ends_both_with_its_message(tmp_path):
     failed_at = _injected_at(r1.stderr)
     assert max(r0.ended, r1.ended) - failed_at < 30, (r0.ended - failed_at, r1.ended - failed_at)
     assert not (tmp_path / "run" / "checkpoints").exists() or _checkpoints(tmp_path / "run") == []
-
-
-if __name__ == "__main__":
-    sys.exit("run with pytest")
