@@ -1,15 +1,26 @@
-"""Run train/train.py with a SIGKILL injected at a chosen moment (for the crash tests).
+"""Run train/train.py with a fault injected at a chosen moment (for the crash, preemption and
+multi-process tests).
 
     python tests/crash_launcher.py --kill-after-step 5 -- --config c.yaml --output-dir out ...
-    python tests/crash_launcher.py --kill-in-checkpoint 4 -- --config c.yaml --output-dir out ...
+    python -m torch.distributed.run --nproc_per_node 2 tests/crash_launcher.py --only-rank 1 \\
+        --signal-in-step 3 -- --config c.yaml --output-dir out ...
 
---kill-after-step N      right after optimizer step N is done (agreed by all ranks), before
-                         anything else happens at that step (no log, no checkpoint)
---kill-in-checkpoint N   halfway through writing the files of checkpoint step N: some files
-                         are written, the manifest is not, nothing is renamed into place
+--kill-after-step N       SIGKILL right after optimizer step N is done (agreed by all ranks), before
+                          anything else happens at that step (no log, no checkpoint)
+--kill-in-checkpoint N    SIGKILL halfway through writing the files of checkpoint step N: some files
+                          are written, the manifest is not, nothing is renamed into place
+--signal-in-step N[:SIG]  send SIG (default SIGTERM) to this process during optimizer step N
+                          (1-based: after its forward/backward, before its collective)
+--raise-in-step N         raise RuntimeError during optimizer step N
+--raise-in WHAT           raise RuntimeError in validation / export / checkpoint (rank 0's work)
+--stale-checkpoint-view N this rank reads checkpoint step N's trainer.json for any checkpoint (a
+                          node with a stale copy of the run folder)
+--stale-file-list         this rank's view of the stored file list lacks its last file
+--only-rank R             inject only in the process with RANK=R (default: every process)
 
-The kill is injected here, by monkeypatching the real trainer in this process before
-calling the real entry point; the library has no kill switch a production run could trip.
+Everything is injected here, by monkeypatching the real trainer in this process before
+calling the real entry point; the library has no test switch a production run could trip.
+Each injection prints "injected: ... at <unix time>" to stderr when it fires.
 """
 
 from __future__ import annotations
@@ -19,9 +30,14 @@ import importlib.util
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _note(what: str) -> None:
+    print(f"injected: {what} at {time.time():.3f}", file=sys.stderr, flush=True)
 
 
 def _die(*_args) -> None:
@@ -57,17 +73,107 @@ def inject_kill_in_checkpoint(n: int) -> None:
     state.write_checkpoint = write_checkpoint
 
 
+def inject_in_step(n: int, action) -> None:
+    """``action()`` inside optimizer step ``n`` (1-based), after the step's work, before agree()."""
+    from latentae.training import loop
+
+    original = loop.train_step
+
+    def train_step(parts, cfg, step, batches):
+        out = original(parts, cfg, step, batches)
+        if step + 1 == n:
+            action()
+        return out
+
+    loop.train_step = train_step
+
+
+def inject_signal_in_step(spec: str) -> None:
+    n, _, name = spec.partition(":")
+    signum = getattr(signal, name or "SIGTERM")
+
+    def send():
+        _note(f"{signal.Signals(signum).name} in step {n}")
+        os.kill(os.getpid(), signum)
+
+    inject_in_step(int(n), send)
+
+
+def inject_raise_in_step(n: int) -> None:
+    def fail():
+        _note(f"failure in step {n}")
+        raise RuntimeError(f"injected failure in step {n} on rank {os.environ.get('RANK', '0')}")
+
+    inject_in_step(n, fail)
+
+
+def inject_raise_in(what: str) -> None:
+    from latentae.training import loop, state
+
+    module, name = {"validation": (loop, "validate"), "export": (loop, "export"),
+                    "checkpoint": (state, "write_checkpoint")}[what]  # fmt: skip
+
+    def fail(*args, **kw):
+        _note(f"failure in {what}")
+        raise RuntimeError(f"injected failure in {what}")
+
+    setattr(module, name, fail)
+
+
+def inject_stale_checkpoint_view(step: int) -> None:
+    from latentae.training import state
+
+    original = state.manifest_digest
+
+    def manifest_digest(path):
+        return original(Path(path).parent / f"step-{step:09d}")
+
+    state.manifest_digest = manifest_digest
+
+
+def inject_stale_file_list() -> None:
+    import numpy as np
+
+    from latentae.data.filelist import FileList
+
+    original = FileList.open.__func__
+
+    def open_(cls, path, *, verify=True):
+        fl = original(cls, path, verify=verify)
+        offsets = np.asarray(fl.offsets)[:-1]  # the last file is missing from this node's copy
+        return FileList(offsets, np.asarray(fl.blob)[: int(offsets[-1])], root=fl.root)
+
+    FileList.open = classmethod(open_)
+
+
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kill-after-step", type=int)
     p.add_argument("--kill-in-checkpoint", type=int)
+    p.add_argument("--signal-in-step", metavar="N[:SIG]")
+    p.add_argument("--raise-in-step", type=int)
+    p.add_argument("--raise-in", choices=("validation", "export", "checkpoint"))
+    p.add_argument("--stale-checkpoint-view", type=int, metavar="STEP")
+    p.add_argument("--stale-file-list", action="store_true")
+    p.add_argument("--only-rank", type=int)
     p.add_argument("train_args", nargs=argparse.REMAINDER, help="-- then train/train.py's arguments")
     args = p.parse_args(argv)
     rest = args.train_args[1:] if args.train_args[:1] == ["--"] else args.train_args
-    if args.kill_after_step is not None:
-        inject_kill_after_step(args.kill_after_step)
-    if args.kill_in_checkpoint is not None:
-        inject_kill_in_checkpoint(args.kill_in_checkpoint)
+    if args.only_rank is None or args.only_rank == int(os.environ.get("RANK", "0")):
+        if args.kill_after_step is not None:
+            inject_kill_after_step(args.kill_after_step)
+        if args.kill_in_checkpoint is not None:
+            inject_kill_in_checkpoint(args.kill_in_checkpoint)
+        if args.signal_in_step is not None:
+            inject_signal_in_step(args.signal_in_step)
+        if args.raise_in_step is not None:
+            inject_raise_in_step(args.raise_in_step)
+        if args.raise_in is not None:
+            inject_raise_in(args.raise_in)
+        if args.stale_checkpoint_view is not None:
+            inject_stale_checkpoint_view(args.stale_checkpoint_view)
+        if args.stale_file_list:
+            inject_stale_file_list()
     spec = importlib.util.spec_from_file_location("latentae_train_cli", REPO / "train" / "train.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)

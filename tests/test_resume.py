@@ -1,9 +1,11 @@
-"""Killed with SIGKILL (mid-step and mid-checkpoint-write) and resumed: bit-identical to an uninterrupted run.
+"""Killed with SIGKILL (mid-step and mid-checkpoint-write), stopped by SIGTERM (preemption)
+and resumed: bit-identical to an uninterrupted run.
 
-The kills are injected from the test side (tests/crash_launcher.py monkeypatches the real
+The faults are injected from the test side (tests/crash_launcher.py monkeypatches the real
 trainer, then runs the real entry point), so they land at exact, reproducible moments:
-    kill_in_checkpoint=N   halfway through writing checkpoint step N
-    kill_after_step=N      right after optimizer step N, before its checkpoint
+    kill_in_checkpoint=N      halfway through writing checkpoint step N
+    kill_after_step=N         right after optimizer step N, before its checkpoint
+    --signal-in-step=N        SIGTERM to itself during optimizer step N
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from test_train_common import assert_same_tensors, make_images, read_weights, ru
 FILES = ("vae.safetensors", "vae_ema.safetensors", "discriminator.safetensors", "loss.safetensors")
 
 
-def test_sigkill_anywhere_then_resume_latest_is_bit_identical(tmp_path):
+def test_sigkill_anywhere_and_sigterm_then_resume_latest_is_bit_identical(tmp_path):
     data = make_images(tmp_path / "data", 12)
     config = write_config(tmp_path, data)
     # 7 steps, checkpoints every 2 (+ the final one), the GAN from step 2, EMA on,
@@ -39,12 +41,18 @@ def test_sigkill_anywhere_then_resume_latest_is_bit_identical(tmp_path):
     assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
     assert "removed a half-written checkpoint" in r.stderr and "resumed from" in r.stderr and "(step 2)" in r.stderr
     assert sorted(p.name for p in ckdir.iterdir()) == ["step-000000002", "step-000000004"]
-    # 3) resumed from step 4 to the end.
+    # 3) resumed from step 4, preempted: SIGTERM during step 6 -> step 6 finishes, is checkpointed, exit 0.
+    r = run_train([*common, "--output-dir", out, "--resume", "latest"], inject=["--signal-in-step=6"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "(step 4)" in r.stderr and "stopped at step 6 (SIGTERM received)" in r.stdout
+    assert sorted(p.name for p in ckdir.iterdir()) == ["step-000000002", "step-000000004", "step-000000006"]
+    assert not (tmp_path / "run" / "export").exists()
+    # 4) the requeued job: resumed from step 6 to the end.
     r = run_train([*common, "--output-dir", out, "--resume", "latest"])
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "(step 4)" in r.stderr
+    assert "(step 6)" in r.stderr
 
-    for step in ("000000004", "000000007"):
+    for step in ("000000004", "000000006", "000000007"):
         a, b = tmp_path / "ref" / "checkpoints" / f"step-{step}", ckdir / f"step-{step}"
         for name in FILES:
             assert_same_tensors(read_weights(a, name), read_weights(b, name), f"step {step} {name}")

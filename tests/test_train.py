@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -36,7 +37,12 @@ def fresh_accelerate_state():
     # machine OpenMP threads spinning against each other cost 10x.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    # A Trainer handles its stop signals from construction until run() returns; tests that
+    # build one without running it must not leave pytest deaf to SIGTERM.
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
     torch.set_num_threads(threads)
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()

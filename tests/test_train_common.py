@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import math
 import os
+import socket
 import subprocess
 import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -99,13 +102,16 @@ def run_train(
     timeout: float = 120,
     kill_after_step: int | None = None,
     kill_in_checkpoint: int | None = None,
+    inject: list[str] = (),
 ):
-    """train/train.py in a subprocess; with a kill_* argument, through tests/crash_launcher.py,
-    which SIGKILLs the process at that moment (see there)."""
+    """train/train.py in a subprocess; with a kill_* argument or ``inject`` (crash_launcher
+    options, e.g. ["--signal-in-step=3"]), through tests/crash_launcher.py, which injects
+    that fault at that moment (see there)."""
     cmd = [sys.executable, str(TRAIN_PY), *args]
-    if kill_after_step is not None or kill_in_checkpoint is not None:
-        kills = [f"--kill-after-step={kill_after_step}"] if kill_after_step is not None else []
-        kills += [f"--kill-in-checkpoint={kill_in_checkpoint}"] if kill_in_checkpoint is not None else []
+    kills = [f"--kill-after-step={kill_after_step}"] if kill_after_step is not None else []
+    kills += [f"--kill-in-checkpoint={kill_in_checkpoint}"] if kill_in_checkpoint is not None else []
+    kills += list(inject)
+    if kills:
         cmd = [sys.executable, str(CRASH_LAUNCHER), *kills, "--", *args]
     return subprocess.run(
         cmd,
@@ -115,6 +121,65 @@ def run_train(
         timeout=timeout,
         cwd=REPO,
     )
+
+
+@dataclass
+class RankRun:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+    ended: float  # time.time() when the process was seen to have ended
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_ranks(n: int, argv: list[str], *, tmp: Path, timeout: float = 120, torchrun: bool = False) -> list[RankRun]:
+    """``python argv...`` as ``n`` ranks of one process group (gloo on CPU).
+
+    By default launched as torchrun does it for a single node (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT; rank 0 hosts the store), one RankRun per rank. With
+    ``torchrun=True`` through ``python -m torch.distributed.run --standalone`` (the launcher
+    hosts the store and forwards its signals): one RankRun for the launcher, its workers'
+    output in it. Output goes to files (no pipe can fill up); each process's end is timed.
+    """
+    tmp.mkdir(parents=True, exist_ok=True)
+    if torchrun:
+        cmds = [([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *argv],
+                 subprocess_env())]  # fmt: skip
+    else:
+        port = str(free_port())
+        cmds = [([sys.executable, *argv], subprocess_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n),
+                  LOCAL_WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)) for r in range(n)]  # fmt: skip
+    procs, files = [], []
+    for r, (cmd, env) in enumerate(cmds):
+        out, err = open(tmp / f"rank{r}.out", "w+"), open(tmp / f"rank{r}.err", "w+")
+        files.append((out, err))
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=err, text=True, cwd=REPO))
+    ended: list[float | None] = [None] * len(procs)
+    deadline = time.time() + timeout
+    try:
+        while None in ended and time.time() < deadline:
+            for i, p in enumerate(procs):
+                if ended[i] is None and p.poll() is not None:
+                    ended[i] = time.time()
+            time.sleep(0.05)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    runs = []
+    for r, (p, (out, err)) in enumerate(zip(procs, files)):
+        out.seek(0), err.seek(0)
+        runs.append(RankRun(r, p.returncode, out.read(), err.read(), ended[r] or float("inf")))
+        out.close(), err.close()
+    assert None not in ended, f"ranks still running after {timeout} s: " + " | ".join(x.stderr[-1500:] for x in runs)
+    return runs
 
 
 def read_weights(ckpt: Path, name: str = "vae.safetensors") -> dict[str, torch.Tensor]:

@@ -18,15 +18,23 @@ WebDataset shard pattern ``shards/{000000..000099}.tar`` or ``pipe:`` URL),
                   reads no data, builds no model (--output-dir is not needed)
 
 The output folder gets config.yaml, checkpoints/step-*/ (vae.safetensors is loadable
-with latentae.load_vae), logs/ (TensorBoard), samples/ (validation grids) and export/
-(a diffusers folder). Multi-GPU: ``accelerate launch --num_processes N``; several CPU
-processes (gloo): ``torchrun --nproc_per_node N train/train.py ...``. The global batch
-is train.batch_size x train.grad_accum_steps x N; resuming needs the same N. With
-train.scale_lr=true (the SD configs) train.lr is a base rate per image (LDM's
-convention): the optimizer gets train.lr x N x batch_size x grad_accum_steps.
+with latentae.load_vae), data/files.bin (an image folder's file list), logs/ (TensorBoard),
+samples/ (validation grids) and export/ (a diffusers folder). Multi-GPU: ``accelerate
+launch --num_processes N``; several CPU processes (gloo): ``torchrun --nproc_per_node N
+train/train.py ...``. The global batch is train.batch_size x train.grad_accum_steps x N.
+Resuming with the same N is exact; with another N it continues (elastic: the data order
+differs from an uninterrupted run, the weights do not). With train.scale_lr=true (the SD
+configs) train.lr is a base rate per image (LDM's convention): the optimizer gets
+train.lr x N x batch_size x grad_accum_steps.
 
-Exit status 2 with a one-line "error: ..." for anything the user has to fix (config
-keys and values, data path, missing LPIPS weights, init weights, checkpoints, NaN loss).
+Preemption: SIGTERM or SIGUSR1 (train.stop_signals) on any process makes every process
+finish the current optimizer step, write one checkpoint of it and exit 0 ("stopped at
+step N"); run the same command with --resume latest to continue.
+
+Exit status: 0 done or stopped; 2 with a one-line "error: ..." for anything the user has
+to fix (config keys and values, data path, missing LPIPS weights, init weights,
+checkpoints, NaN loss); 1 when another process failed (its message is printed) or on an
+unexpected error (traceback); 128 + signal number after a second stop signal (no checkpoint).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-processes", type=int, metavar="N", help="for --dry-run: processes of the real run "
                    "(default: $WORLD_SIZE, else 1)")  # fmt: skip
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides may come before and after the options
     if not args.dry_run and not args.output_dir:
         p.error("--output-dir is required (unless --dry-run)")
     if args.num_processes is None:
@@ -63,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Imported after argument parsing so --help is instant.
     from latentae.recipe import load_config
-    from latentae.training.errors import USER_ERRORS
+    from latentae.training.errors import USER_ERRORS, PeerFailedError, StopNow
 
     try:
         cfg = load_config(args.config, args.overrides)
@@ -79,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerFailedError as e:  # the failed rank printed its own error (and traceback)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StopNow as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 128 + e.signum
     if result.stopped:
         print(f"stopped at step {result.step} ({result.stopped}); checkpoint {result.checkpoint}")
     else:

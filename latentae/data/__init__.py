@@ -17,7 +17,7 @@ names are re-exported here, so ``from latentae.data import ...`` keeps working.
 from latentae.data.config import DataConfig
 from latentae.data.filelist import FileList, prepare_file_list
 from latentae.data.folder import EpochBatchSampler, FolderDataset
-from latentae.data.loader import TrainLoader, build_train_loader
+from latentae.data.loader import TrainLoader, build_train_loader, shard_digest
 from latentae.data.shards import ShardStream, SlotStream
 from latentae.data.transforms import (
     Crop,
@@ -68,6 +68,7 @@ __all__ = [
     "plan_crop",
     "prepare_file_list",
     "sample_rng",
+    "shard_digest",
     "split_for_worker",
     "to_tensor",
     "train_transform",

@@ -359,7 +359,11 @@ def _shard_loader(cfg: DataConfig, batch_size: int, seed: int, rank: int, world_
         urls, cfg, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size, states=st["workers"],
         rotation=st["next_worker"], exclude=frozenset(held_sources),
     )  # fmt: skip
-    digest = hashlib.sha256("\n".join(urls).encode()).hexdigest()
     return TrainLoader("shards", dataset, st, batch_size=batch_size, num_workers=cfg.num_workers, rank=rank,
-                       digest=digest)  # fmt: skip
+                       digest=shard_digest(urls))  # fmt: skip
+
+
+def shard_digest(urls: list[str]) -> str:
+    """What identifies a shard set (``TrainLoader.digest`` for shards): SHA-256 of the expanded URLs."""
+    return hashlib.sha256("\n".join(urls).encode()).hexdigest()
 

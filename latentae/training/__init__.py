@@ -10,7 +10,10 @@ One module per job; a newcomer reads them in this order:
                    one order that works, each step with its reason
     models.py      the VAE (fresh or train.init_from), decoder-only freezing, the discriminator
     step.py        one optimizer step (micro-batches, loss scaling, clipping, EMA); no host sync
-    control.py     the step's one collective: logs, non-finite check, stop/checkpoint requests
+    control.py     the step's one collective: logs, non-finite check, stop/checkpoint requests;
+                   stop signals (preemption) and wall-clock checkpoints
+    ranks.py       what ranks tell each other outside the step: failure-aware barriers, rank 0's
+                   answers at start-up, failure reports, a watcher thread (heartbeats)
     state.py       what a checkpoint holds, writing it, reading it back, resolving --resume
     evaluate.py    validation (fp32, no autocast) and the final export
     policy.py      device / precision decisions as plain functions (fused Adam, cudnn, compile)

@@ -8,6 +8,7 @@ and the number of processes, so ``train.py --dry-run`` and the trainer print the
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
 from typing import Literal
 
@@ -68,6 +69,13 @@ class TrainConfig:
     init_from: str | None = None
     # -- checkpoints, logging, validation ----------------------------------------------------
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (one is always written at the end)
+    # Also checkpoint when this many minutes of wall-clock time passed since the last
+    # checkpoint (0 = off): bounds the work a hard kill loses, whatever the step time.
+    checkpoint_every_minutes: float = 0.0
+    # Signals that make the run checkpoint at the end of the current step and exit 0
+    # (preemption; the scheduler requeues the job, which runs again with --resume latest).
+    # One rank receiving it is enough. [] = the signals keep their default action.
+    stop_signals: tuple[str, ...] = ("SIGTERM", "SIGUSR1")
     keep_last: int = 3  # keep the newest K checkpoints; 0 = keep all
     log_every: int = 10  # optimizer steps between scalar logs
     val_every: int = 1000  # optimizer steps between validation passes (and one at the end); 0 = end only
@@ -95,6 +103,13 @@ class TrainConfig:
             raise ValueError(f"train.clip_grad_norm must be >= 0 (0 = off), got {self.clip_grad_norm}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
+        if not (math.isfinite(self.checkpoint_every_minutes) and self.checkpoint_every_minutes >= 0):
+            raise ValueError(f"train.checkpoint_every_minutes must be >= 0 (0 = off), got {self.checkpoint_every_minutes}")
+        for name in self.stop_signals:
+            if name in ("SIGKILL", "SIGSTOP") or not isinstance(getattr(signal, str(name), None), signal.Signals):
+                raise ValueError(
+                    f"train.stop_signals: {name!r} is not a signal that can be handled (e.g. SIGTERM, SIGUSR1, SIGINT)"
+                )
         choices = {
             "optimizer": ("adam", "adamw"),
             "lr_schedule": ("constant", "cosine"),

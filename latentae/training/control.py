@@ -14,10 +14,15 @@ that stops alone leaves the others hanging in their next collective.
 
 from __future__ import annotations
 
+import os
+import signal
+import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+
+from latentae.training.errors import StopNow
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -28,12 +33,28 @@ if TYPE_CHECKING:
 class RunControl:
     """This process's requests, to be agreed on at the end of the current step.
 
-    Safe to call from a signal handler (it only sets attributes).
+    ``request_stop`` / ``request_checkpoint`` only set attributes: safe from a signal
+    handler. ``install_signal_handlers(["SIGTERM", "SIGUSR1"])`` makes those signals a
+    stop request (preemption: checkpoint at the end of the current step, exit 0). A
+    second one while the stop is pending, at least ``FORCE_AFTER_S`` after the first,
+    raises StopNow at once (no checkpoint); earlier repeats are taken as the same
+    signal delivered twice (a launcher forwarding what the scheduler also sent).
+    ``checkpoint_every_minutes`` > 0 asks for a checkpoint when that much wall-clock
+    time has passed since the last one (each rank's own clock; the OR of all ranks in
+    ``agree`` picks the step).
     """
 
-    def __init__(self):
+    FORCE_AFTER_S = 5.0
+
+    def __init__(self, *, checkpoint_every_minutes: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.stop_reason: str | None = None
         self.checkpoint_reason: str | None = None
+        self.clock = clock
+        self._every_s = checkpoint_every_minutes * 60.0
+        self._last_checkpoint = clock()
+        self._stop_signal_at: float | None = None
+        self._pid = os.getpid()
+        self._previous: dict[int, object] = {}
 
     def request_stop(self, reason: str) -> None:
         """Checkpoint at the end of the current step on every rank, then end the run (exit 0)."""
@@ -43,11 +64,53 @@ class RunControl:
         """Checkpoint at the end of the current step on every rank, then go on."""
         self.checkpoint_reason = reason
 
+    @property
+    def stop_requested(self) -> bool:
+        return self.stop_reason is not None
+
     def local_flags(self) -> list[float]:
+        if self._every_s > 0 and self.checkpoint_reason is None and self.clock() - self._last_checkpoint >= self._every_s:
+            self.checkpoint_reason = f"train.checkpoint_every_minutes={self._every_s / 60:g}"
         return [float(self.stop_reason is not None), float(self.checkpoint_reason is not None)]
 
     def checkpoint_done(self) -> None:
+        """A checkpoint was written (any reason): the wall-clock interval starts again."""
         self.checkpoint_reason = None
+        self._last_checkpoint = self.clock()
+
+    # -- signals ------------------------------------------------------------------------------
+
+    def install_signal_handlers(self, names: Sequence[str]) -> list[str]:
+        """Turn the named signals into stop requests; returns the names installed.
+
+        Only the main thread may install handlers: elsewhere (Trainer built in a thread)
+        nothing is installed and the signals keep their default action.
+        """
+        installed = []
+        for name in names:
+            signum = getattr(signal, name)
+            try:
+                self._previous[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread
+                return installed
+            installed.append(name)
+        return installed
+
+    def restore_signal_handlers(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if os.getpid() != self._pid:
+            return  # a forked DataLoader worker: the main process stops it when it stops
+        name = signal.Signals(signum).name
+        now = time.monotonic()
+        if self._stop_signal_at is None:
+            self._stop_signal_at = now
+            self.request_stop(f"{name} received")
+        elif now - self._stop_signal_at >= self.FORCE_AFTER_S:
+            raise StopNow(signum, f"a second {name} while stopping: ended at once, without a checkpoint")
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 The models evaluated are the plain modules (``parts.vae_raw`` and the EMA copy): no
 DDP wrapper, no torch.compile wrapper, no autocast patch, so PSNR/SSIM/LPIPS measure
 the weights as a user of the export will run them, whatever ``train.mixed_precision`` is.
+
+Both run on the main process only and return without a barrier: the trainer then waits
+with ``Ranks.barrier``, which is where a failure here reaches the other ranks at once.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ log = logging.getLogger("latentae.train")
 
 
 def validate(parts: Parts, *, step: int, output_dir: Path, batch_size: int) -> dict[str, float]:
-    """Main process: PSNR/SSIM(/LPIPS) of the VAE (and EMA), grid PNG + TensorBoard image; all ranks wait."""
+    """Main process: PSNR/SSIM(/LPIPS) of the VAE (and EMA), grid PNG + TensorBoard image ({} elsewhere)."""
     acc = parts.acc
     metrics: dict[str, float] = {}
     if acc.is_main_process and parts.val_images is not None:
@@ -40,12 +43,11 @@ def validate(parts: Parts, *, step: int, output_dir: Path, batch_size: int) -> d
                 tracker = acc.get_tracker("tensorboard")
                 tracker.log_images({f"{prefix}/input_vs_reconstruction": grid[None].numpy()}, step)
         acc.log(metrics, step=step)
-    acc.wait_for_everyone()
     return metrics
 
 
 def export(parts: Parts, *, step: int, output_dir: Path, use_ema: bool) -> Path | None:
-    """Final diffusers folder OUTPUT/export (EMA weights when ``use_ema`` and EMA is on); all ranks wait."""
+    """Main process: final diffusers folder OUTPUT/export (EMA weights when ``use_ema`` and EMA is on)."""
     path = None
     if parts.acc.is_main_process:
         use_ema = use_ema and parts.ema is not None
@@ -58,7 +60,6 @@ def export(parts: Parts, *, step: int, output_dir: Path, use_ema: bool) -> Path 
         tmp.replace(final)
         path = final
         log.info("exported %s weights to %s", "EMA" if use_ema else "final", final)
-    parts.acc.wait_for_everyone()
     return path
 
 

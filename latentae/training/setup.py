@@ -2,35 +2,41 @@
 
 The order matters and is written down once, in ``set_up``, with the reason for each
 step; nothing else in the package builds, moves, wraps or restores these objects.
+``share_data`` runs before it: which files the run trains on, decided once by rank 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from latentae.data import build_train_loader, build_val_images
+from latentae.data import FileList, build_train_loader, build_val_images, prepare_file_list, shard_digest
 from latentae.ema import EMA
 from latentae.losses import VAELoss
 from latentae.model import AutoencoderKL, build_vae
 from latentae.optim import build_optimizer
 from latentae.training import policy
 from latentae.training.config import LearningRates, effective_lrs
-from latentae.training.errors import StartupError
+from latentae.sources import check_path, expand_shards, is_shard_source, no_images_error
+from latentae.training.errors import StartupError, on_every_rank
 from latentae.training.models import freeze_encoder, initial_vae, training_discriminator
-from latentae.training.state import StartPoint, restore_scalers, restore_training_state, set_rng_state
+from latentae.training.state import StartPoint, restore_scalers, restore_training_state, seed_rngs, set_rng_state
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
-    from latentae.data import TrainLoader
+    from latentae.data import DataConfig, TrainLoader
     from latentae.recipe import Config
+    from latentae.training.ranks import Ranks
 
 log = logging.getLogger("latentae.train")
 
@@ -67,8 +73,76 @@ class Parts:
         return {"vae": self.vae_scaler, "disc": self.disc_scaler}
 
 
-def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
-    """Build data, models, loss, optimizers, scalers and EMA; restore ``start``; wrap; compile."""
+FILE_LIST = Path("data") / "files.bin"  # in the run folder
+
+
+@dataclass
+class SharedData:
+    file_list: FileList | None  # an image folder's list (None for shards)
+    digest: str  # what identifies the data: the file list's or the shard URLs' SHA-256
+    problem: str | None  # why this rank's data differs from rank 0's (None: it does not)
+
+
+def _rank0_data(cfg: DataConfig, output_dir: Path) -> tuple[FileList | None, dict]:
+    check_path(cfg.path)
+    if is_shard_source(cfg.path):
+        urls = expand_shards(cfg.path)
+        return None, {"digest": shard_digest(urls), "count": len(urls)}
+    path = Path(os.path.abspath(output_dir / FILE_LIST))
+    before = path.stat().st_mtime_ns if path.is_file() else None
+    t0 = time.monotonic()
+    files = prepare_file_list(cfg.path, path)
+    if len(files) == 0:
+        raise no_images_error(cfg.path)
+    how = "reused" if before is not None and before == path.stat().st_mtime_ns else f"listed in {time.monotonic() - t0:.1f} s"
+    log.info("file list: %d images of %s in %s (%s)", len(files), cfg.path, path, how)
+    return files, {"file_list": str(path), "digest": files.digest, "count": len(files)}
+
+
+def share_data(cfg: DataConfig, output_dir: Path, ranks: Ranks) -> SharedData:
+    """Which data the run trains on: rank 0 decides, every rank checks that it sees the same.
+
+    An image folder is listed once, by rank 0, into OUTPUT/data/files.bin (compact and
+    memory-mapped, see ``latentae.data.FileList``); every other rank maps that file
+    instead of walking the tree. A stored list of the same folder is reused as it is,
+    never re-walked: a resumed run trains on the files its first start listed (files
+    added since are not seen; deleted ones are skipped as bad samples, named and
+    counted). Shards: every rank expands the pattern. Either way a rank whose data
+    digest differs from rank 0's gets a ``problem`` for the start-up check. A problem
+    on rank 0 (missing path, no images) is raised on every rank.
+    """
+    files, view = None, None
+    if ranks.rank == 0:
+        try:
+            files, view = _rank0_data(cfg, output_dir)
+        except (OSError, ValueError) as e:
+            view = {"error": f"data: {e}"}
+    view = ranks.share("data", view)
+    if "error" in view:
+        raise on_every_rank(StartupError(view["error"]))
+    if ranks.rank == 0:
+        return SharedData(files, view["digest"], None)
+    problem, digest = None, None
+    try:
+        if "file_list" in view:
+            files = FileList.open(view["file_list"])
+            digest = files.digest
+        else:
+            digest = shard_digest(expand_shards(cfg.path))
+    except (OSError, ValueError) as e:
+        problem = f"cannot read the data rank 0 uses: {e}"
+    if problem is None and digest != view["digest"]:
+        what = f"the file list {view['file_list']}" if "file_list" in view else f"the shards of {cfg.path}"
+        problem = (f"sees other data than rank 0: {what} has digest {digest[:12]} here, {view['digest'][:12]} on "
+                   "rank 0 (a stale or node-local copy?)")  # fmt: skip
+    return SharedData(files, view["digest"], problem)
+
+
+def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list: FileList | None = None) -> Parts:
+    """Build data, models, loss, optimizers, scalers and EMA; restore ``start``; wrap; compile.
+
+    ``file_list``: the image folder's list from ``share_data`` (None: the loader lists
+    the folder itself, or the data are shards)."""
     tc = cfg.train
     rank, world, device = acc.process_index, acc.num_processes, acc.device
 
@@ -88,14 +162,14 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
     try:
         loader = build_train_loader(
             cfg.data, tc.batch_size, seed=tc.seed, rank=rank, world_size=world,
-            resume_states=start.loader_states if start else None,
+            resume_states=start.loader_states if start else None, file_list=file_list,
         )  # fmt: skip
     except (OSError, ValueError) as e:
         raise StartupError(f"data: {e}") from e
     val_images = None
     if acc.is_main_process and tc.num_val_images > 0:
         try:
-            val_images = build_val_images(cfg.data, tc.num_val_images)
+            val_images = build_val_images(cfg.data, tc.num_val_images, file_list=file_list)
         except (OSError, ValueError) as e:
             raise StartupError(f"validation images: {e} (or set train.num_val_images=0)") from e
 
@@ -133,6 +207,10 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
     # 8. Optimizers at the effective peak rates (the schedule rewrites them every step),
     #    and one loss scaler per optimizer.
     lrs = effective_lrs(tc, world)
+    saved_lrs = start.manifest.get("effective_lr") if start is not None else None
+    if saved_lrs and acc.is_main_process and (saved_lrs["vae"], saved_lrs["disc"]) != (lrs.vae, lrs.disc):
+        log.warning("the effective learning rates change on resume: VAE %.3g -> %.3g, discriminator %.3g -> %.3g (%s)",
+                    saved_lrs["vae"], lrs.vae, saved_lrs["disc"], lrs.disc, lrs.explanation)  # fmt: skip
     opt_kw = dict(kind=tc.optimizer, betas=tc.betas, weight_decay=tc.weight_decay,
                   impl=policy.optimizer_impl(device.type))  # fmt: skip
     vae_params = [p for p in vae.parameters() if p.requires_grad] + loss.trainable_parameters()
@@ -145,6 +223,10 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
     # 9. Checkpoint state into the plain modules, optimizers and scalers: before the EMA
     #    copy (it must start from the restored weights) and before DDP wrapping (DDP
     #    broadcasts rank 0's parameters when it wraps: they must be the restored ones).
+    #    Per-rank module state: the discriminator's BatchNorm buffers were saved from rank 0
+    #    and go to every rank (any number of them). That loses nothing: DDP broadcasts rank
+    #    0's buffers at every discriminator forward, and the discriminator always runs in
+    #    train mode, where the running statistics never enter the math.
     ema_state = None
     if start is not None:
         ema_state = restore_training_state(
@@ -180,9 +262,13 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
             disc_forward, disc_judge = policy.compile_module(disc_p), policy.compile_module(disc)
 
     # 13. RNG states last: nothing after this may draw random numbers, or the resumed
-    #     stream would differ from the uninterrupted one.
+    #     stream would differ from the uninterrupted one. Elastic resume (another number
+    #     of processes): no saved state belongs to this rank; seeded from (seed, step, rank).
     if start is not None:
-        set_rng_state(start.rank_state["rng"])
+        if start.elastic:
+            seed_rngs(tc.seed, start.step, rank)
+        else:
+            set_rng_state(start.rank_state["rng"])
 
     return Parts(
         acc=acc, device=device, loader=loader, val_images=val_images, vae=vae_p, vae_raw=vae, loss=loss,
@@ -193,4 +279,4 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
     )  # fmt: skip
 
 
-__all__ = ["Parts", "set_up"]
+__all__ = ["FILE_LIST", "Parts", "SharedData", "set_up", "share_data"]

@@ -18,12 +18,17 @@ Exact resume: everything a step depends on is in there. The posterior noise come
 a generator seeded by (seed, step, rank, micro-batch) and the learning rate is a pure
 function of the step, so a run killed at any moment and resumed with ``--resume latest``
 ends with bit-identical weights on CPU (same settings, thread count and processes).
+Another number of processes resumes elastically (``open_start``).
+
+Where a run starts: rank 0 alone resolves ``--resume`` (``resolve_start``) and every
+rank checks that it reads the very same ``trainer.json`` (``start_view_problem``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from latentae.checkpoint import (
+    MANIFEST,
     CheckpointError,
     clean_temp,
     list_checkpoints,
@@ -45,13 +51,13 @@ from latentae.checkpoint import (
 )
 from latentae.config import from_dict
 from latentae.io import save_vae_safetensors
-from latentae.training.errors import NonFiniteError, StartupError, TrainingError
+from latentae.data import hash_seed
+from latentae.training.errors import NonFiniteError, StartupError, TrainingError, on_every_rank
 from latentae.training.models import architecture_diff
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from latentae.recipe import Config
+    from latentae.training.ranks import Ranks
     from latentae.training.setup import Parts
 
 log = logging.getLogger("latentae.train")
@@ -60,19 +66,22 @@ log = logging.getLogger("latentae.train")
 # --------------------------------------------------------------------------- where to start
 
 
-def resolve_start(output_dir: Path, resume: str | None, acc: Accelerator) -> Path | None:
-    """The one place that turns ``--resume`` into a checkpoint (or None: start fresh).
+def manifest_digest(path: Path) -> str | None:
+    """sha256 of a checkpoint's trainer.json as this process reads it (None: it cannot).
 
-    Creates the output folder and removes half-written checkpoints (main process), then
-    refuses to start over a folder that holds checkpoints unless resuming, and refuses
-    to resume from an older checkpoint while newer ones exist (two runs would interleave).
-    Every rank calls it and reads the folder itself (they share a filesystem).
-    """
-    if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        for p in clean_temp(output_dir):
-            log.warning("removed a half-written checkpoint: %s", p)
-    acc.wait_for_everyone()
+    Ranks compare it with rank 0's: equal digests = the same checkpoint, not a stale
+    or node-local copy under the same path."""
+    try:
+        return hashlib.sha256((Path(path) / MANIFEST).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def _resolve(output_dir: Path, resume: str | None) -> Path | None:
+    """Rank 0's half of resolve_start: clean up, pick the checkpoint, refuse what would mix two runs."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for p in clean_temp(output_dir):
+        log.warning("removed a half-written checkpoint: %s", p)
     existing = list_checkpoints(output_dir)
     if resume is None:
         if existing:
@@ -86,8 +95,7 @@ def resolve_start(output_dir: Path, resume: str | None, acc: Accelerator) -> Pat
     except CheckpointError as e:
         raise StartupError(str(e)) from e
     if ckpt is None:
-        if acc.is_main_process:
-            log.info("--resume %s: no checkpoint in %s yet, starting from scratch", resume, output_dir)
+        log.info("--resume %s: no checkpoint in %s yet, starting from scratch", resume, output_dir)
         return None
     newer = [p.name for s, p in existing if s > int(read_manifest(ckpt)["step"])]
     if ckpt.parent.resolve() == (output_dir / "checkpoints").resolve() and newer:
@@ -95,7 +103,46 @@ def resolve_start(output_dir: Path, resume: str | None, acc: Accelerator) -> Pat
             f"resuming from {ckpt.name}, but newer checkpoints exist in {output_dir} ({', '.join(newer)}): resuming "
             "would interleave two runs; move them away or resume into another --output-dir"
         )
-    return ckpt
+    return Path(os.path.abspath(ckpt))  # the same on every node, whatever its working directory
+
+
+def resolve_start(output_dir: Path, resume: str | None, ranks: Ranks) -> dict[str, Any]:
+    """The one place that turns ``--resume`` into a checkpoint: rank 0 decides, every rank gets its answer.
+
+    Rank 0 creates the output folder, removes half-written checkpoints, refuses to start
+    over a folder that holds checkpoints unless resuming and to resume from an older
+    checkpoint while newer ones exist (two runs would interleave), and resolves
+    ``latest`` from ITS view of the folder. Returns ``{"path": str | None, "manifest":
+    sha256 | None}`` on every rank (``start_view_problem`` checks a rank's own view
+    against it). A refusal is raised on every rank with rank 0's message.
+    """
+    view: dict[str, Any] | None = None
+    if ranks.rank == 0:
+        try:
+            path = _resolve(output_dir, resume)
+            view = {"path": str(path) if path else None, "manifest": manifest_digest(path) if path else None}
+        except (StartupError, CheckpointError, OSError) as e:
+            view = {"error": str(e)}
+    view = ranks.share("checkpoint", view)
+    if "error" in view:
+        raise on_every_rank(StartupError(view["error"]))
+    return view
+
+
+def start_view_problem(view: dict[str, Any]) -> str | None:
+    """Why this rank does not see the checkpoint rank 0 resolved (None: it does)."""
+    if view["path"] is None:
+        return None
+    path = Path(view["path"])
+    mine = manifest_digest(path)
+    if mine is None:
+        return f"cannot read {path / MANIFEST} (rank 0 resumes from it): is the run folder on a filesystem every node sees?"
+    if mine != view["manifest"]:
+        return (
+            f"sees another {path / MANIFEST} than rank 0 (sha256 {mine[:12]} vs {view['manifest'][:12]}): a stale or "
+            "node-local copy of the run folder?"
+        )
+    return None
 
 
 @dataclass
@@ -105,48 +152,67 @@ class StartPoint:
     path: Path
     step: int
     manifest: dict[str, Any]
-    rank_state: dict[str, Any]  # this process's rng / loader / scalers
+    # This process's state: its own rng / loader / scalers when the number of processes
+    # is the one the checkpoint was written with; else (elastic) rng None (derived from
+    # seed, step and rank) and rank 0's scalers.
+    rank_state: dict[str, Any]
     loader_states: list[dict[str, Any]]  # every saved rank's data position, in rank order
+    saved_world_size: int
+
+    @property
+    def elastic(self) -> bool:
+        return self.rank_state.get("rng") is None
 
 
 def open_start(path: Path, cfg: Config, *, rank: int, world_size: int) -> StartPoint:
-    """Read the manifest and this rank's state; refuse what cannot resume exactly."""
+    """Read the manifest and every rank's state; refuse what cannot resume at all.
+
+    Another number of processes resumes elastically: weights, optimizer, EMA and loss
+    scales continue exactly; the data order differs from an uninterrupted run (the data
+    layer continues from every old rank's position and warns); each rank's RNG states
+    are derived from (seed, step, rank) instead of restored.
+    """
     manifest = read_manifest(path)
-    # Exact resume needs the same number of processes: the data split and the per-rank
-    # states depend on it. (Elastic resume would read every old rank's loader state here.)
-    if manifest.get("world_size") != world_size:
-        raise StartupError(
-            f"{path} was written by {manifest.get('world_size')} processes, this run has {world_size}: "
-            "exact resume needs the same number of processes (the data split and per-rank states depend on it)"
-        )
     try:
         saved = from_dict(type(cfg), yaml.safe_load((path / "config.yaml").read_text()))
     except Exception as e:
         raise StartupError(f"{path / 'config.yaml'}: unreadable: {e}") from e
     diff = architecture_diff(cfg.model, saved.model)
+    # (The same files and config on every rank, checked at start-up: every rank refuses alike.)
     if diff:
-        raise StartupError(f"cannot resume from {path}: the model section changed ({'; '.join(diff)})")
+        raise on_every_rank(StartupError(f"cannot resume from {path}: the model section changed ({'; '.join(diff)})"))
     if saved.train.finetune != cfg.train.finetune or saved.loss.uses_gan != cfg.loss.uses_gan:
-        raise StartupError(
+        raise on_every_rank(StartupError(
             f"cannot resume from {path}: train.finetune or the use of a discriminator changed "
             "(the optimizer states would not match)"
-        )
+        ))  # fmt: skip
     if manifest.get("num_threads") not in (None, torch.get_num_threads()):
         log.warning(
             "the checkpoint was written with %s torch threads, this run uses %d: results may differ in the "
             "last bits from an uninterrupted run", manifest.get("num_threads"), torch.get_num_threads(),
         )  # fmt: skip
-    # Every saved rank's state: this rank's RNG and scalers come from its own file; the
-    # data layer continues exactly from this rank's position when the layout is unchanged,
-    # elastically from all of them when it is not.
+    old_world = int(manifest["world_size"])
     states = []
-    for r in range(int(manifest["world_size"])):
+    for r in range(old_world):
         rank_file = path / f"rank-{r}.pt"
         try:
             states.append(torch.load(rank_file, map_location="cpu", weights_only=True))
         except Exception as e:
             raise StartupError(f"cannot read {rank_file}: {e}") from e
-    return StartPoint(path, int(manifest["step"]), manifest, states[rank], [s["loader"] for s in states])
+    if old_world == world_size:
+        mine = states[rank]
+    else:
+        # Elastic. The loss scales are the same on every rank (they follow the all-reduced
+        # gradients), so rank 0's serve every new rank.
+        mine = {"rng": None, "scalers": states[0].get("scalers"), "scaler": states[0].get("scaler")}
+        if rank == 0:
+            log.warning(
+                "elastic resume: %s was written by %d processes, this run has %d. Weights, optimizer states, EMA "
+                "and loss scales continue exactly; the data order differs from an uninterrupted run, and every "
+                "rank's random number generators are seeded from (train.seed, step, rank) instead of restored",
+                path, old_world, world_size,
+            )  # fmt: skip
+    return StartPoint(path, int(manifest["step"]), manifest, mine, [s["loader"] for s in states], old_world)
 
 
 def restore_training_state(start: StartPoint, *, vae, loss, disc, vae_opt, disc_opt, want_ema: bool) -> dict | None:
@@ -190,6 +256,19 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def seed_rngs(seed: int, step: int, rank: int) -> None:
+    """Elastic resume: every global RNG of this rank seeded from (seed, step, rank).
+
+    Deterministic for a given layout, distinct per rank and step; nothing in a training
+    step depends on these streams for exactness (posterior noise, crops and the data
+    order have seeds of their own), so this only has to be reproducible and fresh.
+    """
+    s = hash_seed(seed, "elastic-resume", step, rank)
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     kind, keys, pos, has_gauss, cached = state["numpy"]
@@ -231,8 +310,10 @@ def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, c
                     loader_state: dict, skipped_samples: int) -> Path:  # fmt: skip
     """Write ``checkpoints/step-{step}/`` atomically (main process), every rank contributing its state.
 
-    A collective: every rank must call it at the same step. Refuses non-finite weights,
-    so no checkpoint is ever written from a poisoned state.
+    A collective (one all-gather): every rank must call it at the same step. Refuses
+    non-finite weights, so no checkpoint is ever written from a poisoned state. Ends
+    without a barrier: the caller waits for rank 0's write (``Ranks.barrier``), which
+    is where a failure of the write reaches the other ranks.
     """
     from accelerate.utils import gather_object
 
@@ -245,12 +326,12 @@ def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, c
         "loader": loader_state,
         "scalers": {k: (s.state_dict() if s is not None else None) for k, s in parts.scalers().items()},
     }
-    states = gather_object([rank_state])
-    prints = gather_object([fingerprint(vae, disc)])
+    gathered = gather_object([(rank_state, fingerprint(vae, disc))])  # every rank gets every rank's
+    states, prints = [g[0] for g in gathered], [g[1] for g in gathered]
+    if len(set(prints)) > 1:  # seen by every rank at once
+        raise on_every_rank(TrainingError(f"step {step}: the replicas on different ranks diverged ({prints})"))
     path = output_dir / "checkpoints" / f"step-{step:09d}"
     if acc.is_main_process:
-        if len(set(prints)) > 1:
-            raise TrainingError(f"step {step}: the replicas on different ranks diverged ({prints})")
         writers = {
             "vae.safetensors": lambda p: save_vae_safetensors(vae, p),
             "loss.safetensors": lambda p: save_file(_cpu_state(parts.loss), str(p)),
@@ -276,18 +357,20 @@ def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, c
         }
         path = write_checkpoint(output_dir, step, writers, manifest, keep_last=cfg.train.keep_last)
         log.info("checkpoint %s", path)
-    acc.wait_for_everyone()
     return path
 
 
 __all__ = [
     "StartPoint",
     "fingerprint",
+    "manifest_digest",
     "open_start",
     "resolve_start",
     "restore_scalers",
     "restore_training_state",
     "rng_state",
     "save_checkpoint",
+    "seed_rngs",
     "set_rng_state",
+    "start_view_problem",
 ]
