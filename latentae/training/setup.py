@@ -23,6 +23,7 @@ from latentae.optim import build_optimizer
 from latentae.training import policy
 from latentae.training.config import LearningRates, effective_lrs
 from latentae.training.errors import StartupError
+from latentae.training.forward import TrainingForward
 from latentae.training.models import freeze_encoder, initial_vae, training_discriminator
 from latentae.training.state import StartPoint, restore_scalers, restore_training_state, set_rng_state
 
@@ -43,7 +44,7 @@ class Parts:
     device: torch.device
     loader: TrainLoader
     val_images: torch.Tensor | None  # main process only
-    vae: nn.Module  # prepared: DDP-wrapped when processes > 1; what the step calls
+    vae: nn.Module  # TrainingForward(vae_raw), prepared (DDP-wrapped when processes > 1): what the step calls
     vae_raw: AutoencoderKL  # the module itself: last_layer, EMA source, validation, saving
     loss: VAELoss
     disc: nn.Module | None  # prepared, for the discriminator's own step
@@ -164,11 +165,13 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None) -> Parts:
 
     # 11. DDP wrapping (processes > 1) through Accelerate, models only: the optimizers,
     #     autocast and loss scaling are ours, so nothing patches the modules' forward
-    #     (validation and the EMA stay plain fp32 modules).
+    #     (validation and the EMA stay plain fp32 modules). The VAE goes in as its
+    #     TrainingForward, whose one call runs every encode/decode of a micro-batch (the
+    #     regularisers' extra decodes too), so DDP's reducer sees all of them.
     if disc is not None:
-        vae_p, disc_p = acc.prepare(vae, disc)
+        vae_p, disc_p = acc.prepare(TrainingForward(vae), disc)
     else:
-        vae_p, disc_p = acc.prepare(vae), None
+        vae_p, disc_p = acc.prepare(TrainingForward(vae)), None
 
     # 12. torch.compile the training forwards after wrapping: compiling the DDP module lets
     #     dynamo split its graph at the gradient buckets, so communication still overlaps
