@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arms", default="base,se", help="comma-separated, from base, se, eqvae, noise; the first is the "
                    "baseline of the paired differences (default: %(default)s)")
     p.add_argument("--se-weight", type=float, default=0.5, help="loss.scale_equivariance_weight of the se arm")
+    p.add_argument("--seed", type=int, default=1, help="fine-tuning seed (data order, crops, noise), the same for every arm")
     p.add_argument("--holdout", type=int, default=8, help="held-out images for the comparison")
     p.add_argument("--eval-size", type=int, default=256, help="comparison images: shorter side -> N, centre crop N x N")
     p.add_argument("--config", type=Path, default=None, help="training config (default: configs/tiny-f8c16.yaml)")
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         for arm in arms:
             print(f"[{time.perf_counter() - t0:5.0f} s] fine-tuning arm {arm!r} ({args.steps} steps) ...", flush=True)
             vaes[arm] = ablation.finetune(start, arm, split.train_dir, args.out / arm, steps=args.steps, config=config,
-                                          se_weight=args.se_weight, extra=args.overrides)  # fmt: skip
+                                          seed=args.seed, se_weight=args.se_weight, extra=args.overrides)  # fmt: skip
         vaes["start"] = start
         print(f"[{time.perf_counter() - t0:5.0f} s] comparing on the held-out images ...", flush=True)
         summary = ablation.compare_vaes(vaes, split.eval_files, args.out / "compare", size=args.eval_size)
