@@ -18,6 +18,20 @@ weight must be about C*h*w times larger to mean the same (e.g. 4*32*32 = 4096x a
 256 px, f8, C=4), and mixing reductions (one "sum_mean", one "mean") changes the
 KL/nll balance by roughly the pixel-to-latent element ratio. Keep them equal unless
 you mean it.
+
+Diffusability regularisers (what a diffusion model needs from the latent space; the
+per-step draws and the extra decodes live in ``latentae.training.forward``):
+
+    total += scale_equivariance_weight * se
+    se    = mean over the pairs (x̃, x̂̃) = (down_f(x), decode(down_f(z))) of
+            reduce-like-nll( rec_weight * |x̃ - x̂̃| + perceptual_weight * LPIPS(x̃, x̂̃) )
+
+``se`` is normalised so that the weight means the same whatever ``nll_reduction`` and
+whatever f: it is the per-pixel error times the element count of the image the pair
+was downsampled from (sum_mean) or the per-pixel error (mean), i.e. weight 1 = as much
+per pixel as the main reconstruction term. EQ-VAE steps need no term of their own: the
+main pair is then (T(x), decode(T(z))). LPIPS runs on every image its backbone can take
+(``LPIPS.min_size``: 31 px AlexNet, 16 px VGG); smaller ones get the pixel loss alone.
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Literal, Protocol
+from typing import Iterator, Literal, NamedTuple, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +52,7 @@ MAX_ADAPTIVE_WEIGHT = 1.0e4
 
 GENERATOR_LOG_KEYS = (
     "total", "rec", "lpips", "nll", "kl", "logvar", "g", "d_weight", "disc_factor", "nll_grad_norm", "g_grad_norm",
+    "se", "se_rec", "se_lpips",
 )  # fmt: skip
 DISCRIMINATOR_LOG_KEYS = ("d_loss", "logits_real", "logits_fake", "disc_factor")
 
@@ -63,12 +78,57 @@ class LossConfig:
     disc_factor: float = 1.0  # multiplies both the generator's and the discriminator's GAN terms
     disc_start: int = 50001  # first step the VAE gets the adversarial term
     disc_train_start: int | None = None  # first step the discriminator trains (default: disc_start)
+    # -- diffusability regularisers (see README "Training for diffusability") ---------------
+    # Scale equivariance (Skorokhodov et al. 2025, "Improving the Diffusability of
+    # Autoencoders", arXiv 2502.14831): also decode the sampled latent area-downsampled by f
+    # and match the image downsampled by f, with the pixel and LPIPS losses above. Weight
+    # per pixel relative to the main reconstruction term (any nll_reduction); 0 = off.
+    # Costs one extra decode at 1/f^2 of the pixels per scale used (f = 2, 4: +31% decoder
+    # work with "all", +16% on average with "one").
+    scale_equivariance_weight: float = 0.0
+    scale_equivariance_scales: tuple[int, ...] = (2, 4)  # integer downsampling factors of the latent
+    # "all": every scale each micro-batch, their mean; "one": one of them, drawn per
+    # micro-batch (the same objective in expectation at about half the extra cost).
+    scale_equivariance_sampling: Literal["all", "one"] = "all"
+    # EQ-VAE (Kouzelis et al. 2025, arXiv 2502.09509): with probability eq_vae_prob per
+    # micro-batch the reconstruction is decode(T(z)) against T(x) instead of decode(z)
+    # against x, T = area resize by s ~ U[eq_vae_scales) (the paper's code: s in
+    # {8/32, ..., 31/32}) then a rotation by 90, 180 or 270 degrees (eq_vae_rotation). The
+    # whole loss (pixel, LPIPS, GAN) sees the transformed pair; no extra decode. 0 = off.
+    eq_vae_prob: float = 0.0
+    eq_vae_scales: tuple[float, ...] = (0.25, 1.0)
+    eq_vae_rotation: bool = True
+    # The EQ-VAE code's "prior preservation at low resolution": this share of the *other*
+    # micro-batches encodes and reconstructs the image area-resized by s ~ U[eq_vae_scales).
+    eq_vae_low_res_prob: float = 0.0
+    # Latent noise: before decoding, with probability latent_noise_prob per image, add
+    # Gaussian noise of std  sigma x std(z),  sigma ~ U[0, latent_noise),  std(z) the standard
+    # deviation of all the micro-batch's latent elements (detached): the unit a diffusion
+    # model's errors come in after the latent normalisation. Teaches the decoder to tolerate
+    # a generator's imperfect latents. 0 = off; no extra decode.
+    latent_noise: float = 0.0
+    latent_noise_prob: float = 0.5
 
     def __post_init__(self):
-        for name in ("rec_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor"):
+        for name in ("rec_weight", "perceptual_weight", "kl_weight", "disc_weight", "disc_factor",
+                     "scale_equivariance_weight", "latent_noise"):  # fmt: skip
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {v}")
+        for name in ("eq_vae_prob", "eq_vae_low_res_prob", "latent_noise_prob"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"{name} is a probability: it must be in [0, 1], got {v}")
+        for name in ("scale_equivariance_scales", "eq_vae_scales"):
+            if isinstance(getattr(self, name), list):  # built in code from a list: keep the config hashable
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        scales = self.scale_equivariance_scales
+        if not scales or any(not isinstance(f, int) or isinstance(f, bool) or f < 2 for f in scales):
+            raise ValueError(f"scale_equivariance_scales must be integers >= 2 (downsampling factors), got {list(scales)}")
+        if len(self.eq_vae_scales) != 2 or not 0.0 < self.eq_vae_scales[0] <= self.eq_vae_scales[1] <= 1.0:
+            raise ValueError(f"eq_vae_scales must be [low, high] with 0 < low <= high <= 1, got {list(self.eq_vae_scales)}")
+        if self.scale_equivariance_sampling not in ("all", "one"):
+            raise ValueError(f"scale_equivariance_sampling must be 'all' or 'one', got {self.scale_equivariance_sampling!r}")
         if not math.isfinite(self.logvar_init):
             raise ValueError(f"logvar_init must be finite, got {self.logvar_init}")
         choices = {
@@ -106,6 +166,14 @@ class Posterior(Protocol):
     def kl(self) -> Tensor: ...
 
 
+class ScalePair(NamedTuple):
+    """One scale-equivariance pair: ``decode(down_f(z))`` and ``down_f(x)``, ``[N, 3, H/f, W/f]``."""
+
+    reconstruction: Tensor
+    target: Tensor
+    factor: int  # f: the target was area-downsampled by f from the image the main loss sees
+
+
 # --------------------------------------------------------------------------- terms
 # Small functions, each pinned by a hand computation in tests/test_losses.py.
 
@@ -130,6 +198,12 @@ def kl_loss(posterior: Posterior, how: Reduction) -> Tensor:
 def nll_loss(rec: Tensor, logvar: Tensor, how: Reduction) -> Tensor:
     """Gaussian/Laplace-style nll with one learned log-variance (LDM): rec / exp(logvar) + logvar."""
     return reduce_loss(rec / torch.exp(logvar) + logvar, how)
+
+
+def perceptual_fits(perceptual: nn.Module | None, image: Tensor) -> bool:
+    """Can ``perceptual`` (LPIPS) process ``image`` [N, 3, H, W]? False below its backbone's
+    smallest input (31 px AlexNet, 16 px VGG: their last layers would be empty)."""
+    return perceptual is not None and min(image.shape[-2:]) >= getattr(perceptual, "min_size", 1)
 
 
 def generator_adversarial(logits_fake: Tensor) -> Tensor:
@@ -217,7 +291,9 @@ class VAELoss(nn.Module):
       generator: total, rec (mean per-pixel L1/L2, unweighted), lpips (mean per-image
       LPIPS, unweighted), nll, kl (reduced per kl_reduction, before kl_weight),
       logvar, g, d_weight (adaptive weight incl. disc_weight), disc_factor (0 before
-      disc_start), nll_grad_norm, g_grad_norm (the norms the adaptive weight used).
+      disc_start), nll_grad_norm, g_grad_norm (the norms the adaptive weight used),
+      se (the scale-equivariance term before its weight), se_rec, se_lpips (its pixel
+      error and LPIPS, unweighted; 0 without pairs).
       discriminator: d_loss (before disc_factor), logits_real, logits_fake (means),
       disc_factor.
     """
@@ -261,15 +337,18 @@ class VAELoss(nn.Module):
         step: int,
         last_layer: Tensor | None,
         discriminator: nn.Module | None,
+        scaled: Sequence[ScalePair] = (),
     ) -> tuple[Tensor, dict[str, Tensor]]:
-        """The VAE's loss. inputs, reconstructions: [N, 3, H, W] in [-1, 1]."""
+        """The VAE's loss. inputs, reconstructions: [N, 3, H, W] in [-1, 1]; ``scaled``: the
+        scale-equivariance pairs (``latentae.training.forward``), added with
+        ``scale_equivariance_weight``."""
         cfg = self.config
         _check_pair(inputs, reconstructions)
         zero = torch.zeros((), device=inputs.device)
 
         pix = pixel_loss(inputs, reconstructions, cfg.rec_loss)  # [N, C, H, W]
         rec = cfg.rec_weight * pix
-        if self.perceptual is not None:
+        if perceptual_fits(self.perceptual, inputs):
             lp = self.perceptual(inputs.contiguous(), reconstructions.contiguous())  # [N]
             rec = rec + cfg.perceptual_weight * lp.view(-1, 1, 1, 1)  # broadcast per pixel, as LDM
         else:
@@ -278,6 +357,9 @@ class VAELoss(nn.Module):
         nll = nll_loss(rec, logvar, cfg.nll_reduction)
         kl = kl_loss(posterior, cfg.kl_reduction)
         total = nll + cfg.kl_weight * kl
+        se, se_rec, se_lpips = self.scale_equivariance(scaled) if scaled else (zero, zero, zero)
+        if scaled and cfg.scale_equivariance_weight > 0:
+            total = total + cfg.scale_equivariance_weight * se
 
         g = d_weight = disc_factor = nll_norm = g_norm = zero
         if self.gan_active(step):
@@ -300,8 +382,35 @@ class VAELoss(nn.Module):
         logs = {
             "total": total, "rec": pix.mean(), "lpips": lp.mean(), "nll": nll, "kl": kl, "logvar": logvar,
             "g": g, "d_weight": d_weight, "disc_factor": disc_factor, "nll_grad_norm": nll_norm, "g_grad_norm": g_norm,
+            "se": se, "se_rec": se_rec, "se_lpips": se_lpips,
         }  # fmt: skip
         return total, {k: v.detach().float() for k, v in logs.items()}
+
+    def scale_equivariance(self, pairs: Sequence[ScalePair]) -> tuple[Tensor, Tensor, Tensor]:
+        """``(se, se_rec, se_lpips)`` for the pairs (see the module docstring), float32 scalars.
+
+        Per pair: e = rec_weight * mean |x̃ - x̂̃| + perceptual_weight * mean LPIPS (LPIPS
+        where the image fits its backbone), the per-pixel error of the pair; ``se`` is the
+        mean of e over the pairs, times the elements of one full image (3 x H x W = 3 x
+        f*h x f*w) under "sum_mean". ``se_rec`` / ``se_lpips``: the mean pixel error and
+        LPIPS of the pairs (LPIPS over the pairs that had it; 0 when none), unweighted.
+        No learned log-variance divides it: it is a regulariser, not the likelihood.
+        """
+        cfg = self.config
+        se, recs, lps = [], [], []
+        for p in pairs:
+            _check_pair(p.target, p.reconstruction)
+            pix = pixel_loss(p.target, p.reconstruction, cfg.rec_loss).mean((1, 2, 3))  # [N]
+            e = cfg.rec_weight * pix
+            recs.append(pix.mean())
+            if perceptual_fits(self.perceptual, p.target):
+                lp = self.perceptual(p.target.contiguous(), p.reconstruction.contiguous())  # [N]
+                e = e + cfg.perceptual_weight * lp
+                lps.append(lp.mean())
+            full = p.target[0].numel() * p.factor**2  # elements of the image it was downsampled from
+            se.append(e.mean() * (full if cfg.nll_reduction == "sum_mean" else 1))
+        mean = lambda xs: torch.stack(xs).mean() if xs else torch.zeros((), device=pairs[0].target.device)  # noqa: E731
+        return mean(se), mean(recs), mean(lps)
 
     def discriminator_loss(
         self, inputs: Tensor, reconstructions: Tensor, *, step: int, discriminator: nn.Module
@@ -363,6 +472,7 @@ __all__ = [
     "DISCRIMINATOR_LOG_KEYS",
     "GENERATOR_LOG_KEYS",
     "LossConfig",
+    "ScalePair",
     "VAELoss",
     "adaptive_weight",
     "frozen",
@@ -370,6 +480,7 @@ __all__ = [
     "hinge_d_loss",
     "kl_loss",
     "nll_loss",
+    "perceptual_fits",
     "pixel_loss",
     "reduce_loss",
     "vanilla_d_loss",

@@ -279,6 +279,8 @@ class AutoencoderKL(nn.Module):
         This is the training-facing call. Wrap *this* module in DDP (via
         ``accelerator.prepare``) so the whole encode -> decode graph is seen by
         the gradient hooks; calling ``unwrap_model(vae).encode`` would bypass them.
+        (latentae's trainer prepares ``training.forward.TrainingForward(vae)``, the same
+        computation plus the diffusability regularisers' extra decodes, for that reason.)
         """
         h, w = images.shape[-2:]
         posterior = self.encode(images)

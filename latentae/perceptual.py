@@ -42,6 +42,11 @@ LPIPSNet = Literal["vgg", "alex"]
 RANDOM_BACKBONE_SEED = 20180111
 
 
+# Smallest shorter side (pixels) each backbone accepts, measured: AlexNet's stride-4 11x11
+# conv and three 3x3/2 max-pools need 31 px; VGG16's four 2x2 pools before conv5 need 16.
+MIN_SIZE = {"alex": 31, "vgg": 16}
+
+
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights that must be on disk (we never download at run time) are not."""
 
@@ -109,6 +114,10 @@ class LPIPS(nn.Module):
         self.net = net
         self.net_name = net_name
         self.pretrained = pretrained  # False: random backbone, values are not a metric
+        # The smallest image side the backbone takes (below it a pooling layer would have an
+        # empty output). LPIPS was calibrated on 64 x 64 patches; smaller images still give a
+        # distance, from fewer pixels of its deepest layers.
+        self.min_size = MIN_SIZE[net_name]
         self.requires_grad_(False)
         self.train(False)
 
@@ -178,6 +187,7 @@ def _construct(lpips, net: LPIPSNet, random_backbone: bool) -> nn.Module:
 
 __all__ = [
     "LPIPS",
+    "MIN_SIZE",
     "MissingWeightsError",
     "RandomLPIPSWarning",
     "backbone_path",

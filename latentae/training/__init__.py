@@ -10,6 +10,8 @@ One module per job; a newcomer reads them in this order:
                    one order that works, each step with its reason
     models.py      the VAE (fresh or train.init_from), decoder-only freezing, the discriminator
     step.py        one optimizer step (micro-batches, loss scaling, clipping, EMA); no host sync
+    forward.py     TrainingForward (the module DDP wraps: every encode/decode of a micro-batch)
+                   and draw_plan (the diffusability regularisers' seeded per-step choices)
     control.py     the step's one collective: logs, non-finite check, stop/checkpoint requests;
                    stop signals (preemption) and wall-clock checkpoints
     ranks.py       what ranks tell each other outside the step: failure-aware barriers, rank 0's

@@ -21,6 +21,14 @@ def check_config(cfg: Config) -> None:
             f"(n_layers={cfg.discriminator.n_layers} needs >= {cfg.discriminator.min_size} px): lower "
             "discriminator.n_layers or raise data.resolution"
         )
+    latent = cfg.data.resolution // cfg.model.downsample_factor
+    too_big = [f for f in cfg.loss.scale_equivariance_scales if f > latent]
+    if cfg.loss.scale_equivariance_weight > 0 and too_big:
+        raise StartupError(
+            f"loss.scale_equivariance_scales {too_big} exceed the latent size of a training crop "
+            f"(data.resolution={cfg.data.resolution} / {cfg.model.downsample_factor} = {latent} latent pixels): "
+            "use smaller factors or raise data.resolution"
+        )
 
 
 def describe(cfg: Config, processes: int) -> str:

@@ -24,10 +24,11 @@ from latentae.ema import EMA
 from latentae.losses import VAELoss
 from latentae.model import AutoencoderKL, build_vae
 from latentae.optim import build_optimizer
+from latentae.sources import check_path, expand_shards, is_shard_source, no_images_error
 from latentae.training import policy
 from latentae.training.config import LearningRates, effective_lrs
-from latentae.sources import check_path, expand_shards, is_shard_source, no_images_error
 from latentae.training.errors import StartupError, on_every_rank
+from latentae.training.forward import TrainingForward
 from latentae.training.models import freeze_encoder, initial_vae, training_discriminator
 from latentae.training.state import StartPoint, restore_scalers, restore_training_state, seed_rngs, set_rng_state
 
@@ -49,7 +50,7 @@ class Parts:
     device: torch.device
     loader: TrainLoader
     val_images: torch.Tensor | None  # main process only
-    vae: nn.Module  # prepared: DDP-wrapped when processes > 1; what the step calls
+    vae: nn.Module  # TrainingForward(vae_raw), prepared (DDP-wrapped when processes > 1): what the step calls
     vae_raw: AutoencoderKL  # the module itself: last_layer, EMA source, validation, saving
     loss: VAELoss
     disc: nn.Module | None  # prepared, for the discriminator's own step
@@ -246,11 +247,13 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list
 
     # 11. DDP wrapping (processes > 1) through Accelerate, models only: the optimizers,
     #     autocast and loss scaling are ours, so nothing patches the modules' forward
-    #     (validation and the EMA stay plain fp32 modules).
+    #     (validation and the EMA stay plain fp32 modules). The VAE goes in as its
+    #     TrainingForward, whose one call runs every encode/decode of a micro-batch (the
+    #     regularisers' extra decodes too), so DDP's reducer sees all of them.
     if disc is not None:
-        vae_p, disc_p = acc.prepare(vae, disc)
+        vae_p, disc_p = acc.prepare(TrainingForward(vae), disc)
     else:
-        vae_p, disc_p = acc.prepare(vae), None
+        vae_p, disc_p = acc.prepare(TrainingForward(vae)), None
 
     # 12. torch.compile the training forwards after wrapping: compiling the DDP module lets
     #     dynamo split its graph at the gradient buckets, so communication still overlaps

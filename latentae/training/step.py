@@ -1,12 +1,13 @@
 """One optimizer step of the VAE (and the discriminator), with no host sync inside.
 
     for each of grad_accum_steps micro-batches:        (DDP gradient sync only on the last)
-        rec, posterior = vae(x)                        the *prepared* VAE: DDP sees the whole graph
-        loss = VAELoss.generator_loss(x, rec, posterior, D)   D frozen inside, unwrapped
-        backward(scale(loss / grad_accum_steps))
+        plan = draw_plan(...)                          regularisers' choices, seeded by (seed, step, rank, micro)
+        out = vae(x, plan, noise)                      the *prepared* TrainingForward: DDP sees every decode
+        loss = VAELoss.generator_loss(out.target, out.reconstruction, out.posterior, D, scaled=out.scaled)
+        backward(scale(loss / grad_accum_steps))       (D frozen inside, unwrapped)
     unscale, clip, Adam/AdamW step (VAE + learned logvar), scale update, EMA update
     if the discriminator trains at this step:
-        for each micro-batch: backward(scale(VAELoss.discriminator_loss(x, rec.detach(), D) / accum))
+        for each micro-batch: backward(scale(VAELoss.discriminator_loss(target, rec.detach(), D) / accum))
         unscale, clip, step, scale update
 
 Every logged number stays a device tensor; the loop reads them all at once, after the
@@ -26,6 +27,7 @@ from torch import Tensor
 
 from latentae.data import hash_seed
 from latentae.optim import lr_factor, set_lr
+from latentae.training.forward import draw_plan
 
 if TYPE_CHECKING:
     from latentae.recipe import Config
@@ -69,7 +71,7 @@ def train_step(parts: Parts, cfg: Config, step: int, batches: Iterator[dict]) ->
                        schedule=tc.lr_schedule, min_ratio=tc.min_lr_ratio)  # fmt: skip
     set_lr(parts.vae_opt, parts.lrs.vae * factor)
     values: dict[str, Tensor] = {}
-    kept: list[tuple[Tensor, Tensor]] = []  # (inputs, detached reconstructions) for the discriminator
+    kept: list[tuple[Tensor, Tensor]] = []  # (targets, detached reconstructions) for the discriminator
     skipped: list[tuple[str, str]] = []
     n_images = 0
     noise = parts.noise
@@ -85,16 +87,23 @@ def train_step(parts: Parts, cfg: Config, step: int, batches: Iterator[dict]) ->
         if tc.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         n_images += len(x)
+        # Every random choice of the step is a function of (seed, step, rank, micro-batch):
+        # a resumed run redraws exactly what the uninterrupted one drew.
+        plan = draw_plan(cfg.loss, seed=hash_seed(tc.seed, "regularizers", step, rank, micro), image_size=x.shape[-2:],
+                         vae_factor=parts.vae_raw.config.downsample_factor, sample_posterior=tc.sample_posterior)  # fmt: skip
         noise.manual_seed(hash_seed(tc.seed, "posterior", step, rank, micro))
         sync = acc.no_sync(parts.vae) if micro < accum - 1 else contextlib.nullcontext()
         with sync:
             with autocast:
-                rec, posterior = parts.vae_forward(x, sample_posterior=tc.sample_posterior, generator=noise)
+                out = parts.vae_forward(x, plan, noise)
                 loss, logs = parts.loss.generator_loss(
-                    x, rec, posterior, step=step, last_layer=parts.vae_raw.last_layer, discriminator=parts.disc_judge
-                )
+                    out.target, out.reconstruction, out.posterior, step=step, last_layer=parts.vae_raw.last_layer,
+                    discriminator=parts.disc_judge, scaled=out.scaled,
+                )  # fmt: skip
             parts.vae_scaler.scale(loss / accum).backward()
-        kept.append((x, rec.detach()))
+        logs.update(out.logs)
+        # In an EQ-VAE step the discriminator judges the transformed pair, as the paper's code does.
+        kept.append((out.target, out.reconstruction.detach()))
         for k, v in logs.items():
             values[k] = values[k] + v / accum if k in values else v / accum
     extra = parts.loss.trainable_parameters()
