@@ -30,8 +30,7 @@ from latentae.sources import list_images
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_CONFIG = REPO / "configs" / "tiny-f8c16.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-f8c16.yaml"
 
 # What each arm adds to the common fine-tuning config.
 ARMS: dict[str, tuple[str, ...]] = {

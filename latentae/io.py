@@ -7,8 +7,9 @@ Formats
 * diffusers folder: ``config.json`` + ``diffusion_pytorch_model.safetensors``, loadable by
   ``diffusers.AutoencoderKL.from_pretrained``.
 * LDM single file: one ``.safetensors`` with the original CompVis key names
-  (``encoder.down.0.block.0.norm1.weight`` ...), optionally under ``first_stage_model.``;
-  what ComfyUI / A1111 load and ``AutoencoderKL.from_single_file`` reads.
+  (``encoder.down.0.block.0.norm1.weight`` ...): without a prefix it is the standalone VAE
+  file ComfyUI / A1111 load and ``AutoencoderKL.from_single_file`` reads; under
+  ``first_stage_model.`` only as part of a full checkpoint (read either way).
 * ``.ckpt`` / ``.pt`` / ``.pth`` / ``.bin`` pickles: read with ``torch.load(weights_only=True)``
   only. A pickle that needs arbitrary code to unpickle is refused, never executed.
 """
@@ -317,7 +318,8 @@ def save_diffusers(vae: AutoencoderKL, out_dir: str | Path, **factors: Any) -> P
 
 
 def save_ldm(vae: AutoencoderKL, path: str | Path, prefix: str = "", **factors: Any) -> Path:
-    """One ``.safetensors`` with CompVis key names (``prefix='first_stage_model.'`` for full-model layouts)."""
+    """One ``.safetensors`` with CompVis key names. No prefix (the default) for a standalone VAE
+    file (ComfyUI, A1111); ``prefix='first_stage_model.'`` only to merge into a full checkpoint."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     cfg = with_factors(vae.config, **factors)
@@ -345,6 +347,8 @@ def find_checkpoint_weights(path: Path, ema: bool = True) -> Path | None:
 def load_vae(
     path: str | Path,
     *,
+    subfolder: str | None = None,
+    revision: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     config: ModelConfig | None = None,
@@ -353,15 +357,20 @@ def load_vae(
 ) -> AutoencoderKL:
     """Load a VAE from any supported format (see module docstring), in eval mode.
 
+    ``path`` may also be a Hugging Face hub id (``"stabilityai/sd-vae-ft-mse"``), with
+    ``subfolder`` (default: the root, else ``vae/`` of a pipeline repo) and ``revision``:
+    the local cache first, then the hub unless ``HF_HUB_OFFLINE`` (``latentae.hub``). An
+    existing local path always wins over a hub id of the same name.
+
     ``path``: a diffusers folder (or a pipeline folder with ``vae/``), a training run or
     checkpoint folder (EMA weights unless ``ema=False``), a ``.safetensors`` file (ours,
     diffusers-named or LDM-named), or a ``.ckpt``/``.pt`` read with ``weights_only``.
     ``config`` overrides the stored / inferred architecture. ``fast`` turns on the
     exact inference fast paths (``latentae.fast``) where available.
     """
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"VAE not found: {p}")
+    from latentae.hub import local_or_hub  # lazy: huggingface_hub only for hub ids
+
+    p = local_or_hub(path, subfolder=subfolder, revision=revision)
     if p.is_dir():
         if (p / "vae" / "config.json").is_file():
             p = p / "vae"

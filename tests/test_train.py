@@ -95,11 +95,11 @@ def test_run_writes_checkpoints_logs_samples_config_and_export(tmp_path):
     assert load_config(out / "config.yaml") == cfg
     assert load_config(ckpt / "config.yaml") == cfg
 
-    # Validation: grids on disk (2 rows of input | reconstruction) and numbers.
+    # Validation: grids on disk (2 rows of input | reconstruction | error, 32 px crops shown 8x: 256 px) and numbers.
     from PIL import Image
 
     for name in ("val-step-000000003.png", "val_ema-step-000000003.png", "val-step-000000006.png"):
-        assert Image.open(out / "samples" / name).size == (64, 64)
+        assert Image.open(out / "samples" / name).size == (3 * 256, 2 * 256)
     assert math.isfinite(result.metrics["val/psnr"]) and -1 <= result.metrics["val_ema/ssim"] <= 1
 
     # TensorBoard: every loss term, LR, grad norms, throughput, validation, images.

@@ -27,7 +27,10 @@ log = logging.getLogger("latentae.train")
 
 
 def validate(parts: Parts, *, step: int, output_dir: Path, batch_size: int) -> dict[str, float]:
-    """Main process: PSNR/SSIM(/LPIPS) of the VAE (and EMA), grid PNG + TensorBoard image ({} elsewhere)."""
+    """Main process: PSNR/SSIM(/LPIPS) of the VAE (and EMA), grid PNG + TensorBoard image ({} elsewhere).
+
+    The grid (``latentae.validation.comparison_grid``): a row per image, input | reconstruction
+    | error map, each at least 256 px wide."""
     acc = parts.acc
     metrics: dict[str, float] = {}
     if acc.is_main_process and parts.val_images is not None:

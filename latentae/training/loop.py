@@ -27,7 +27,7 @@ Output folder::
     OUTPUT/checkpoints/       step-XXXXXXXXX/ (see latentae.training.state)
     OUTPUT/data/files.bin     an image folder's file list, made once by rank 0 (setup.share_data)
     OUTPUT/logs/train/        TensorBoard (loss terms, LR, grad norms, img/s, PSNR/SSIM, grids)
-    OUTPUT/samples/           validation grids (input | reconstruction) as PNG
+    OUTPUT/samples/           validation grids (input | reconstruction | error, >= 256 px each) as PNG
     OUTPUT/export/            final diffusers folder (EMA weights unless train.export_ema=false)
 """
 
