@@ -18,7 +18,7 @@ $(STAMP): $(PY) pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py --output-dir runs/demo
+	$(VENV)/bin/latentae demo --output-dir runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

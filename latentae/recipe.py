@@ -9,14 +9,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import yaml
 
-from latentae.config import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from latentae.config import CONFIG_DIR, apply_overrides, config_path, from_dict, packaged_configs, read_yaml, to_dict
 from latentae.data import DataConfig
 from latentae.discriminator import DiscriminatorConfig
 from latentae.losses import LossConfig
@@ -31,30 +30,6 @@ class Config:
     discriminator: DiscriminatorConfig = field(default_factory=DiscriminatorConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-
-
-# The configs that ship inside the package (``configs/`` in a checkout links here), so an
-# installed latentae finds them by name: ``--config tiny-f8c4``.
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-
-def packaged_configs() -> list[str]:
-    """Names of the configs shipped with the package (``tiny-f8c4``, ``sd-f8c4``, ...)."""
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
-
-
-def config_path(name_or_path: str | Path) -> Path:
-    """A YAML file: an existing path, else a packaged config by name (``sd-f8c4`` or
-    ``sd-f8c4.yaml``). A local file always wins over a packaged name."""
-    p = Path(name_or_path)
-    if p.is_file():
-        return p
-    name = str(name_or_path)
-    if "/" not in name and os.sep not in name:
-        packaged = CONFIG_DIR / (name if name.endswith((".yaml", ".yml")) else f"{name}.yaml")
-        if packaged.is_file():
-            return packaged
-    raise ConfigError(f"config file not found: {p} (packaged configs, usable by name: {', '.join(packaged_configs())})")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

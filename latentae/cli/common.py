@@ -46,6 +46,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def vae_source_problem(source: str) -> str | None:
+    """Why ``source`` cannot name a VAE, checked before the heavy imports (None = it may):
+    an existing local path or something shaped like a Hugging Face hub id (``org/name``)."""
+    from pathlib import Path
+
+    from latentae.hub import looks_like_repo_id
+
+    if Path(source).exists() or looks_like_repo_id(source):
+        return None
+    return f"VAE not found: {source} (no such file or folder, and not a Hugging Face hub id of the form org/name)"
+
+
+def config_problem(config: str | None) -> str | None:
+    """Why ``--config`` names no YAML file (None = fine): a path or a packaged config's name."""
+    from latentae.config import ConfigError, config_path
+
+    if config is None:
+        return None
+    try:
+        config_path(config)
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
 def vae_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean "this VAE / config / path is the user's to fix" (imports latentae.io)."""
     from latentae.config import ConfigError
@@ -54,4 +79,4 @@ def vae_errors() -> tuple[type[BaseException], ...]:
     return (WeightsError, ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
-__all__ = ["Parser", "fail", "one_line", "positive_int", "vae_errors"]
+__all__ = ["Parser", "config_problem", "fail", "one_line", "positive_int", "vae_errors", "vae_source_problem"]

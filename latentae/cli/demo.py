@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from latentae import runtime
-from latentae.cli.common import Parser, fail, positive_int
+from latentae.cli.common import Parser, config_problem, fail, positive_int
 
 # (name, loader) of scikit-image photos that ship inside the package (no pooch download).
 SAMPLES = (
@@ -92,6 +92,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = build_parser(prog).parse_args(argv)
+    problem = config_problem(args.config)  # before the heavy imports: a typo fails at once
+    if problem:
+        return fail(problem)
     runtime.prefer_passive_waiting()  # before torch loads (the imports below)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -115,8 +118,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         "torchvision's vgg16 weights in place (the error message of lpips_pretrained=true says where)."
     )
     try:
-        threads = runtime.configure_threads(cfg.data.num_workers, threads=args.threads)
-        print(f"CPU: {runtime.describe(threads, cfg.data.num_workers)}")
+        runtime.configure_threads(cfg.data.num_workers, threads=args.threads)  # the trainer logs the outcome
         result = train(cfg, run, resume="latest")
     except USER_ERRORS as e:
         return fail(e)

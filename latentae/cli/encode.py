@@ -1,4 +1,31 @@
+"""Encode an image dataset to VAE latents (WebDataset shards + manifest.json).
+
+  latentae encode --vae VAE --data INPUT --out DIR [options]
+  accelerate launch --multi_gpu --num_processes N -m latentae encode --vae VAE --data INPUT --out DIR
+  torchrun --nproc_per_node N -m latentae encode ...   (also on CPUs, gloo; multi-node: DIR on a shared filesystem)
+  python tools/encode.py ...                            (the same, from a checkout)
+
+VAE: anything latentae reads (training run/checkpoint, diffusers folder, LDM .safetensors, weights-only .ckpt,
+a Hugging Face hub id such as stabilityai/sd-vae-ft-mse).
+INPUT: an image folder (recursive) or WebDataset shards ('data/shard-{000000..000099}.tar', 'pipe:...').
+
+Output DIR: part-NNNNNN-KKKK.tar (part N = --shard-size files of a folder, or input shard N; at
+most --shard-size latents per tar; each sample: <key>.json metadata, <key>.mean.npy +
+<key>.logvar.npy, or <key>.latent.npy with --store mode/sample, plus flip_* with --flip),
+part-NNNNNN.json, job.json, claims/ and, when everything is done, manifest.json (VAE identity,
+precision, preprocessing, counts, every skipped input with its reason).
+
+Resumable: re-run the same command after a crash or kill and it finishes the missing parts only
+(any number of processes; several launches on the same DIR share the work). A finished DIR is
+left alone; a different VAE or preprocessing into the same DIR is refused; --overwrite starts over.
+Exit status: 0 done (or this process's share done while others finish), 1 the job stopped on a
+fault (device error, unreadable input shard: re-run to finish), 2 a usage or setup error.
+
+Preprocessing: 'resize' = shorter side to --size (bicubic) then centre crop (default);
+'crop' = centre crop --size at full resolution (smaller images skipped); 'keep' = native size,
+equal sizes batched together, odd sizes padded by the model (--tile N for large images).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -8,7 +35,7 @@ import sys
 import threading
 
 from latentae import runtime
-from latentae.cli.common import Parser, fail
+from latentae.cli.common import Parser, fail, vae_source_problem
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -59,10 +86,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # any other load; on 2 busy cores this made the model up to 3x slower. Sleeping waits
     # cost little on the VAE's large convolutions.
     runtime.prefer_passive_waiting()
+    # (The parser's defaults come from EncodeConfig, whose package loads torch: so the
+    # wait policy is set first, and argument errors here cost that import.)
     from latentae.encode import EncodeConfig, EncodeFault, InputShardError, JobMismatch, encode_dataset
     from latentae.io import WeightsError
 
     a = build_parser(prog).parse_args(argv)
+    problem = vae_source_problem(a.vae)
+    if problem:
+        return fail(problem)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         cfg = EncodeConfig(

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from latentae import runtime
-from latentae.cli.common import Parser, fail, vae_errors
+from latentae.cli.common import Parser, config_problem, fail, vae_errors, vae_source_problem
 
 
 def floats(text: str) -> list[float]:
@@ -58,6 +58,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     a = p.parse_args(argv)
     if a.format == "ldm" and Path(a.out).suffix != ".safetensors":
         p.error(f"--out for --format ldm must end in .safetensors, got {a.out}")
+    problem = vae_source_problem(a.source) or config_problem(a.config)  # before the heavy imports
+    if problem:
+        return fail(problem)
     runtime.prefer_passive_waiting()  # before torch loads (the imports below)
     from latentae.export import export_vae
     from latentae.recipe import load_config

@@ -52,7 +52,7 @@ import os
 import sys
 
 from latentae import runtime
-from latentae.cli.common import Parser, fail, positive_int
+from latentae.cli.common import Parser, config_problem, fail, positive_int
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argpar
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = parse_args(argv, prog)
+    problem = config_problem(args.config)  # before the heavy imports: a typo fails at once
+    if problem:
+        return fail(problem)
     runtime.prefer_passive_waiting()  # before torch loads (the imports below)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from latentae.recipe import load_config
@@ -99,9 +102,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             check_config(cfg)
             print(describe(cfg, args.num_processes), end="")
             return 0
-        threads = runtime.configure_threads(cfg.data.num_workers, threads=args.threads)
-        if os.environ.get("RANK", "0") == "0":
-            logging.getLogger("latentae.train").info("CPU: %s", runtime.describe(threads, cfg.data.num_workers))
+        runtime.configure_threads(cfg.data.num_workers, threads=args.threads)  # the trainer logs the outcome
         from latentae.training.loop import train
 
         result = train(cfg, args.output_dir, resume=args.resume)

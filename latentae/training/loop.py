@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from latentae import runtime
 from latentae.recipe import Config, dump_config
 from latentae.training.control import RunControl, StepReport, agree
 from latentae.training.errors import NonFiniteError, StartupError, on_every_rank
@@ -138,6 +139,7 @@ class Trainer:
         lrs = self.parts.lrs
         if acc.is_main_process:
             log.info("learning rates: %s", lrs.explanation)
+            log.info("CPU: %s", runtime.describe(torch.get_num_threads(), cfg.data.num_workers))
             log.info("stop signals: %s (checkpoint at the end of the current step, then exit 0)",
                      ", ".join(signals) or "none")  # fmt: skip
         acc.log({"train/lr_peak": lrs.vae, "disc/lr_peak": lrs.disc}, step=self.step)
