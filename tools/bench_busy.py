@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from latentae.bench.busy import main  # noqa: E402  (imports no torch: the OpenMP wait policy is set first)
+from latentae.cli.bench import run  # noqa: E402  (imports no torch: the OpenMP wait policy is set first)
 
 if __name__ == "__main__":
-    sys.exit(main(prog="bench_busy.py"))
+    sys.exit(run("busy", sys.argv[1:], prog="bench_busy.py"))

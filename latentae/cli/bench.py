@@ -9,7 +9,8 @@
     latentae bench busy        training step time with a core kept busy, before vs after the CPU policy
 
 ``latentae bench <name> --help`` shows each one's options. In a checkout the same code runs
-as ``python tools/bench*.py``.
+as ``python tools/bench*.py``. Every benchmark runs with OMP_WAIT_POLICY=PASSIVE unless the
+environment sets it (as every latentae command: ``latentae.runtime``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from latentae import runtime
 from latentae.cli.common import fail
 
 BENCHES: dict[str, str] = {
@@ -30,16 +32,23 @@ BENCHES: dict[str, str] = {
 }
 
 
+def run(name: str, argv: list[str], prog: str) -> int:
+    """One benchmark's ``main``; its module (which may import torch at the top) loads after
+    the wait policy is set."""
+    runtime.prefer_passive_waiting()
+    return importlib.import_module(BENCHES[name]).main(argv, prog=prog)
+
+
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     prog = prog or "latentae bench"
     if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__.replace("``", ""))
+        print(f"usage: {prog} <name> [options]\n\n" + __doc__.replace("``", ""))
         return 0 if argv else 2
     name = argv[0]
     if name not in BENCHES:
         return fail(f"unknown benchmark {name!r} (benchmarks: {', '.join(BENCHES)}; {prog} --help)")
-    return importlib.import_module(BENCHES[name]).main(argv[1:], prog=f"{prog} {name}")
+    return run(name, argv[1:], f"{prog} {name}")
 
 
-__all__ = ["BENCHES", "main"]
+__all__ = ["BENCHES", "main", "run"]
