@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from latentae.activations import Activation, ActivationStore, ChannelMoments, InMemory
-from latentae.fast import InferenceEngine, VAEOps
+from latentae.fast import InferenceEngine
+from latentae.ops import VAEOps
 from latentae.model import Attention, AutoencoderKL, Downsample, ResnetBlock, Upsample
 from latentae.precision import HALF
 
