@@ -4,9 +4,9 @@
 (tile in latent px / image px) have two statistics modes, ``stats=``:
 
 * ``"exact"`` (default): ``latentae.streaming`` - the network layer by layer over the
-  whole image in bands of rows (~``tile`` x ``tile`` latent px of area each), every
-  group norm with the statistics of the whole tensor, every 3x3 conv with its true
-  neighbours. Equal to the untiled call up to float rounding (no seams, no tone
+  whole image in bands of rows (each about the size of one ``tile`` x ``tile`` tile's
+  largest activation), every group norm with the statistics of the whole tensor,
+  every 3x3 conv with its true neighbours. Equal to the untiled call up to float rounding (no seams, no tone
   shifts), for ~1.0-1.1x its work. Memory: the activations kept between layers up
   to ``memory`` bytes (beyond that they go to disk under ``spill_dir``, see
   ``latentae.activations``) + one band + the output.

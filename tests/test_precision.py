@@ -92,3 +92,22 @@ def test_optimize_for_inference_overrides_the_config():
     vae = optimize_for_inference(build_vae(tiny_model_config()), FastConfig(channels_last=False), compute_dtype="fp16",
                                  compile=True)
     assert vae.inference.config == FastConfig(channels_last=False, compute_dtype="float16", compile_backend="inductor")
+
+
+def test_compare_records_the_dtype_that_ran(tmp_path):
+    """compare --dtype bfloat16 computes in bf16 and says so in metrics.json (per VAE)."""
+    import json
+
+    from PIL import Image
+
+    from latentae.compare import CompareConfig, run_compare
+    from latentae.io import save_vae_safetensors
+
+    path = save_vae_safetensors(randomize_(build_vae(tiny_model_config())).eval(), tmp_path / "vae.safetensors")
+    img = Image.fromarray((torch.rand(32, 32, 3) * 255).byte().numpy())
+    cfg = CompareConfig(lpips="off", fid="off", dtype="bfloat16", max_report_images=0)
+    summary = run_compare([("a", str(path))], [("x", img)], tmp_path / "out", cfg)
+    stored = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    for s in (summary, stored):
+        assert s["vaes"][0]["precision"]["compute_dtype"] == "bfloat16"
+        assert s["vaes"][0]["precision"]["upcast_to_float32"] == []
