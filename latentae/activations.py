@@ -120,11 +120,13 @@ class Activation:
 
 
 class InMemory(Activation):
-    """The written bands themselves, kept as they came (no copy into one big tensor)."""
+    """The written bands themselves, kept as they came (no copy into one big tensor); or, with
+    ``dense`` (a final result), copied into one preallocated tensor (no second copy to join them)."""
 
-    def __init__(self, shape, dtype, device, store: "ActivationStore | None"):
+    def __init__(self, shape, dtype, device, store: "ActivationStore | None", dense: bool = False):
         super().__init__(shape, dtype, device)
         self._bands: dict[int, torch.Tensor] = {}  # first row -> band
+        self._dense = torch.empty(shape, dtype=dtype, device=device) if dense else None
         self._store_ref = store
 
     @classmethod
@@ -137,9 +139,11 @@ class InMemory(Activation):
     @property
     def tensor(self) -> torch.Tensor:
         """All rows as one tensor."""
-        return self.rows(0, self.shape[2])
+        return self._dense if self._dense is not None else self.rows(0, self.shape[2])
 
     def pieces(self, a: int, b: int) -> list[torch.Tensor]:
+        if self._dense is not None:
+            return [self._dense[:, :, a:b]]
         out = []
         for r0 in sorted(self._bands):
             t = self._bands[r0]
@@ -149,6 +153,9 @@ class InMemory(Activation):
         return out
 
     def _store(self, r0: int, band: torch.Tensor) -> None:
+        if self._dense is not None:
+            self._dense[:, :, r0 : r0 + band.shape[2]] = band
+            return
         if any(k != r0 and r0 <= k < r0 + band.shape[2] for k in self._bands):
             raise RuntimeError(f"band at row {r0} overlaps another: a tensor is rewritten in the bands it was written in")
         self._bands[r0] = band
@@ -157,7 +164,7 @@ class InMemory(Activation):
         if self._store_ref is not None:
             self._store_ref.in_memory -= self.nbytes
             self._store_ref = None
-        self._bands = {}
+        self._bands, self._dense = {}, None
 
 
 class OnDisk(Activation):
@@ -241,11 +248,11 @@ class ActivationStore:
         self.peak_in_memory = self.peak_disk = 0
         self._live: list[Activation] = []
 
-    def new(self, shape: tuple[int, int, int, int], dtype: torch.dtype, in_memory: bool = False) -> Activation:
-        """A tensor of ``shape``; ``in_memory=True`` keeps it in memory whatever the budget (final outputs)."""
+    def new(self, shape: tuple[int, int, int, int], dtype: torch.dtype, result: bool = False) -> Activation:
+        """A tensor of ``shape``; ``result=True``: a final result, in memory whatever the budget, as one tensor."""
         nbytes = shape[0] * shape[1] * shape[2] * shape[3] * torch.empty((), dtype=dtype).element_size()
-        if in_memory or self.memory is None or self.in_memory + nbytes <= self.memory:
-            act: Activation = InMemory(shape, dtype, self.device, self)
+        if result or self.memory is None or self.in_memory + nbytes <= self.memory:
+            act: Activation = InMemory(shape, dtype, self.device, self, dense=result)
             self.in_memory += nbytes
             self.peak_in_memory = max(self.peak_in_memory, self.in_memory)
         else:

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
@@ -53,11 +54,14 @@ class PeakRSS:
        (so: run it in a fresh process, as the benchmarks do);
     3. ``VmRSS`` polled every ``poll_s`` by a thread, for sandboxes that refuse (1).
     Memory the allocator kept from earlier calls is reused unseen by all three.
-    ``reset=False`` skips (1), to test the fallbacks.
+    ``reset=False`` skips (1), to test the fallbacks. ``where=True``: ``self.where`` is the
+    entering thread's stack (innermost frames of this package) at the highest polled RSS,
+    to find which layer holds the peak.
     """
 
-    def __init__(self, reset: bool = True, poll_s: float = 0.001):
-        self.reset, self.poll_s = reset, poll_s
+    def __init__(self, reset: bool = True, poll_s: float = 0.001, where: bool = False):
+        self.reset, self.poll_s, self.want_where = reset, poll_s, where
+        self.where = ""
 
     def __enter__(self):
         import threading
@@ -76,16 +80,27 @@ class PeakRSS:
         self.start_max = _maxrss_bytes()
         self.peak_bytes = self.peak_total_bytes = 0
         self._polled, self._stop = self.start, threading.Event()
+        self._caller = threading.get_ident()
         self._thread = threading.Thread(target=self._poll, daemon=True)
         self._thread.start()
         return self
 
     def _poll(self):
+        import sys
+        import traceback
+
         while not self._stop.wait(self.poll_s):
             try:
-                self._polled = max(self._polled, _status_kb("VmRSS") * 1024)
+                rss = _status_kb("VmRSS") * 1024
             except OSError:
                 return
+            if rss > self._polled:
+                self._polled = rss
+                frame = sys._current_frames().get(self._caller) if self.want_where else None
+                if frame is not None:
+                    stack = [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)
+                             if "latentae" in f.filename]
+                    self.where = " < ".join(reversed(stack[-4:]))
 
     def __exit__(self, *exc):
         self._stop.set()

@@ -255,7 +255,7 @@ class Streamer:
             n, _, h, w = x.shape
             aff = norm_affine(norm, x.moments, o.dtype)
             last = post if post is not None else conv
-            out = self.store.new((n, last.out_channels, h, w), o.dtype, in_memory=True)
+            out = self.store.new((n, last.out_channels, h, w), o.dtype, result=True)
             for r0, r1 in self.bands(x.shape):
                 y = o.conv(conv, self.halo(o, x, r0, r1, aff), pad_rows=False)
                 out.write(r0, o.conv(post, y) if post is not None else y)
@@ -300,15 +300,17 @@ def stream(
 ) -> torch.Tensor:
     """Streamed ``what`` ("decode": latents -> images, "encode": padded images -> moments).
 
-    Bands hold about as many bytes as one ``tile`` x ``tile`` latent px tile's widest
-    activation at full resolution (SD-size, tile 64: 268 MB in fp32); ``memory``, ``spill_dir``:
+    Bands hold half as many bytes as one ``tile`` x ``tile`` latent px tile's widest
+    activation at full resolution (SD-size, tile 64: 134 MB in fp32); ``memory``, ``spill_dir``:
     see ``latentae.activations``. ``report`` (a dict) receives the peak bytes of kept
     activations in memory and on disk.
     """
     f = vae.config.downsample_factor
     widths = _widths(vae, what, x.shape[-2])
     top = x.shape[-2] * f if what == "decode" else x.shape[-2]
-    band_bytes = x.shape[0] * (tile * f) ** 2 * widths[top] * 4  # one tile's widest activation, fp32
+    # Half of one tile's widest activation (fp32): a band's working set (its halo buffer, the conv
+    # output, a read-back from disk, kernel temporaries) is then about two tiles' worth.
+    band_bytes = x.shape[0] * (tile * f) ** 2 * widths[top] * 4 // 2
     dtype = engine.compute_dtype(vae)
     store = ActivationStore(x.device, memory, spill_dir)
     s = Streamer(vae, engine, dtype, store, band_bytes, widths, what)

@@ -25,7 +25,7 @@ alternated --cost-repeats times; median times, their ratio, PSNR of tiled vs unt
 resident memory of each process (total and extra over what it held before the call), and
 the peak bytes kept in memory and on disk. Also the same for tiled_encode (--cost-encode).
 
-Memory (--memory-sizes): one tiled_decode with default settings (memory=2 GiB, tile 64) in
+Memory (--memory-sizes): one tiled_decode with default settings (memory=1.5 GiB, tile 64) in
 a fresh process: peak resident memory of the whole process, time, disk used; untiled too
 up to --untiled-max px.
 """
@@ -187,7 +187,7 @@ def child(args) -> None:
         x = torch.rand(1, 3, size, size, generator=g) * 2 - 1
     report = {}
     t0 = time.perf_counter()
-    with torch.no_grad(), PeakRSS() as m:
+    with torch.no_grad(), PeakRSS(where=True) as m:
         if mode == "untiled":
             y = vae.decode(x) if op == "decode" else vae.encode(x).mean
         else:
@@ -198,7 +198,7 @@ def child(args) -> None:
     if save != "-":
         torch.save(y, save)
     print(json.dumps({"extra": m.peak_bytes, "total": m.peak_total_bytes, "exact": m.exact, "seconds": seconds,
-                      **report}))
+                      "peak_at": m.where, **report}))
 
 
 def run_child(args, op: str, size: int, mode: str, memory: int | None, save: str = "-") -> dict | None:
@@ -265,6 +265,7 @@ def memory(args, name) -> list[dict]:
             disk = f", on disk {gib(r['peak_disk'])}" if "peak_disk" in r else ""
             print(f"  {size:5} {mode:8} process peak {gib(r['total'])}  extra {gib(r['extra'])}  {r['seconds']:7.1f}s"
                   f"{disk}" + ("" if r["exact"] else " (LOWER BOUND: hwm reset refused)"), flush=True)
+            print(f"        highest polled memory at: {r['peak_at']}", flush=True)
     return rows
 
 
