@@ -219,9 +219,11 @@ class Streamer:
             out = self.new(o, x.shape, c, ho, wo)
             for r0, r1 in self.bands((n, c, ho, wo)):
                 a, b = 2 * r0, min(h, 2 * r1 + 1)  # output row i reads input rows 2i .. 2i+2
-                # + the zero row and column of the right/bottom pad
+                # + the zero column (and at the end the zero row) of the right/bottom pad
                 buf = torch.empty((n, c, 2 * (r1 - r0) + 1, w + 1), dtype=o.dtype, device=x.device,
-                                  memory_format=o.memory_format(c)).zero_()
+                                  memory_format=o.memory_format(c))
+                buf[:, :, :, w:].zero_()
+                buf[:, :, b - a :].zero_()
                 row = 0
                 for p in x.pieces(a, b):
                     buf[:, :, row : row + p.shape[2], :w] = p
