@@ -54,6 +54,7 @@ from latentae.health import DEFAULT_ACTIVE_KL, LatentStats
 from latentae.imageio import BadImage, RawSample, decode_image, iter_source
 from latentae.metrics import ms_ssim, ms_ssim_min_size, psnr, ssim
 from latentae.model import AutoencoderKL, DiagonalGaussian, count_params
+from latentae.precision import precision_record
 from latentae import report as rep
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,7 @@ class Comparison:
             from latentae.io import load_vae
 
             vae, source = load_vae(src, device=self.device, dtype=self.dtype), str(src)
+        precision_record(vae)  # a dtype this device cannot compute in fails here, not on every image
         return VAEEntry(name, source, vae)
 
     # -- per image
@@ -444,6 +446,8 @@ class Comparison:
                 "scaling_factor": c.scaling_factor,
                 "shift_factor": c.shift_factor,
                 "bpp_nominal": c.latent_channels * cfg.latent_bits / c.downsample_factor**2,
+                # the dtype that actually ran, and the parts moved to fp32 after an fp16 overflow
+                "precision": precision_record(e.vae),
             })
         notices = list(self.notices) + self._geometry_notices()
         if self.fid_orig is not None:

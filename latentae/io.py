@@ -354,6 +354,8 @@ def load_vae(
     config: ModelConfig | None = None,
     ema: bool = True,
     fast: bool = True,
+    compute_dtype: str | torch.dtype | None = None,
+    compile: bool = False,
 ) -> AutoencoderKL:
     """Load a VAE from any supported format (see module docstring), in eval mode.
 
@@ -367,6 +369,12 @@ def load_vae(
     diffusers-named or LDM-named), or a ``.ckpt``/``.pt`` read with ``weights_only``.
     ``config`` overrides the stored / inferred architecture. ``fast`` turns on the
     exact inference fast paths (``latentae.fast``) where available.
+
+    Precision (``latentae.precision``): the weights are stored in ``dtype`` and the model
+    computes in ``dtype`` too, unless ``compute_dtype`` ("float32", "bfloat16", "float16")
+    asks for another one (e.g. fp32 weights, bf16 compute). ``compile=True`` runs the fast
+    path under ``torch.compile`` (inductor; the first call compiles, for minutes on CPU).
+    Both need ``fast=True``.
     """
     from latentae.hub import local_or_hub  # lazy: huggingface_hub only for hub ids
 
@@ -385,7 +393,7 @@ def load_vae(
             sd, _ = _read_safetensors(weights)
             cfg = config or config_from_diffusers(dcfg, str(p / "config.json"))
             vae = vae_from_state_dict(_to_diffusers_names(sd, str(weights)), cfg, str(weights))
-            return _finish(vae, device, dtype, fast)
+            return _finish(vae, device, dtype, fast, compute_dtype, compile)
         found = find_checkpoint_weights(p, ema)
         if found is None:
             raise WeightsError(
@@ -406,13 +414,16 @@ def load_vae(
         except (ConfigError, json.JSONDecodeError) as e:
             raise WeightsError(f"{p}: stored model config is invalid: {e}") from e
     cfg = config or infer_config(sd, str(p))
-    return _finish(vae_from_state_dict(sd, cfg, str(p)), device, dtype, fast)
+    return _finish(vae_from_state_dict(sd, cfg, str(p)), device, dtype, fast, compute_dtype, compile)
 
 
-def _finish(vae: AutoencoderKL, device, dtype, fast: bool) -> AutoencoderKL:
+def _finish(vae: AutoencoderKL, device, dtype, fast: bool, compute_dtype, compile: bool) -> AutoencoderKL:
+    if not fast and (compute_dtype is not None or compile):
+        raise ValueError("compute_dtype and compile need the fast inference path (fast=True)")
     vae = vae.to(device=device, dtype=dtype).eval()
     if fast:
         from latentae.fast import optimize_for_inference  # lazy: keeps `import latentae.io` light
 
-        vae = optimize_for_inference(vae)
+        vae = optimize_for_inference(vae, compute_dtype=compute_dtype, compile=compile)
+        vae.inference.compute_dtype(vae)  # an unsupported dtype on this device fails here, not mid-job
     return vae

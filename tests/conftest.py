@@ -44,3 +44,26 @@ def randomize_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
             else:
                 p.copy_(noise)
     return module
+
+
+@pytest.fixture
+def overflowing_vae():
+    """(fp16 model with the fast path, fp32 plain reference on the same fp16-rounded weights).
+
+    Like the SD/SDXL VAE's decoder in fp16: the second up level's first residual branch is
+    scaled so the residual stream passes fp16's largest value (65504) there, with weights
+    that still fit fp16. The group norms make that harmless in fp32; from that level on
+    (the later levels and the output) fp16 overflows."""
+    import copy
+
+    from latentae.fast import optimize_for_inference
+    from latentae.model import build_vae
+
+    plain = randomize_(build_vae(tiny_model_config()), 0).eval()
+    with torch.no_grad():
+        conv = plain.decoder.up_blocks[1].resnets[0].conv2
+        conv.weight.mul_(3e4 / conv.weight.abs().max())  # the weights themselves still fit fp16
+    half = optimize_for_inference(copy.deepcopy(plain).half())
+    ref = copy.deepcopy(half).float()  # fp32 math on the same fp16-rounded weights
+    ref.inference = None
+    return half, ref

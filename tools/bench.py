@@ -3,7 +3,8 @@
 
   python tools/bench.py                                    # full: f8c4+f8c16, 256+512 px, batch 1+4
   python tools/bench.py --arch f8c4 --size 256 --batch 1   # quick (~1 min on 2 cores)
-  python tools/bench.py --bf16 --compile                   # also ours in bf16 / under torch.compile
+  python tools/bench.py --device cuda --size 1024 --batch 1 --bf16 --fp16 --compile --compile-dtype bfloat16 \
+      --channels-last-ab                                   # the GPU table (tools/gpu_check.py runs this)
 
 For each architecture (SD-size: widths 128/256/512/512, 2 resnets per level, mid attention;
 f8c4 with the 1x1 quant convs, f8c16 without), operation, size and batch it prints:
@@ -19,6 +20,12 @@ f8c4 with the 1x1 quant convs, f8c16 without), operation, size and batch it prin
     it): the second call, and for ours also the first, which builds the derived-weight
     caches (Winograd and sub-pixel kernels, ~1.3x the weights, kept); with
     --device cuda, torch's peak GPU allocation during the call instead.
+Variants (each timed round-robin against diffusers fp32 eager, and the half-precision ones
+also against diffusers eager in the same dtype): --bf16 / --fp16 (ours computing in that
+dtype from fp32 weights), --compile (ours under torch.compile, --compile-dtype), and
+--channels-last-ab (ours without channels-last). Every row records the dtype that
+actually ran (latentae.precision.precision_record), including parts moved to fp32 after
+an fp16 overflow.
 Weights are random (PyTorch default init, same as diffusers), seeded.
 """
 
@@ -34,21 +41,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from latentae.fast import (  # noqa: E402
-    FastConfig,
-    PeakRSS,
-    conv_flops,
-    conv_peak_gflops,
-    interleaved_medians,
-    optimize_for_inference,
-)
+from latentae.benchmarking import PeakRSS, conv_flops, conv_peak_gflops, interleaved_medians  # noqa: E402
+from latentae.fast import FastConfig, optimize_for_inference  # noqa: E402
 from latentae.io import diffusers_config  # noqa: E402
 from latentae.model import ModelConfig, build_vae  # noqa: E402
+from latentae.precision import precision_record  # noqa: E402
 
 ARCHS = {
     "f8c4": ModelConfig(latent_channels=4, use_quant_conv=True, use_post_quant_conv=True),
     "f8c16": ModelConfig(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False),
+    # CPU-sized (configs/tiny-f8c4.yaml): for smoke runs of this script, not for numbers.
+    "tiny-f8c4": ModelConfig(latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
+                             norm_num_groups=8),
 }
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def diffusers_vae(cfg: ModelConfig):
@@ -81,7 +87,9 @@ def inputs(arch: str, op: str, size: int, batch: int, seed: int = 1) -> torch.Te
 
 
 def call(model, op: str, x: torch.Tensor, impl: str) -> torch.Tensor:
-    """One encode/decode; returns the output(s) as one tensor (encode: mean and std stacked)."""
+    """One encode/decode; returns the output(s) as one tensor (encode: mean and std stacked).
+    The input is cast to the model's weight dtype (diffusers in half precision needs that)."""
+    x = x.to(next(model.parameters()).dtype)
     out = _call(model, op, x, impl)
     if x.is_cuda:
         torch.cuda.synchronize()  # time the work, not the launch
@@ -105,7 +113,7 @@ def fast_config(args, **over) -> FastConfig:
         channels_last=not args.no_channels_last,
         channels_last_max_width=args.channels_last_max_width,
         subpixel_upsample=not args.no_subpixel,
-        compute_dtype=args.compute_dtype,
+        compute_dtype=None if args.compute_dtype == "model" else args.compute_dtype,
     )
     kw.update(over)
     return FastConfig(**kw)
@@ -155,6 +163,52 @@ def cuda_peak_memory(model, op, x, impl) -> tuple[float, bool]:
     return peak, peak, True
 
 
+def variant_models(args, arch: str, d, dev) -> dict:
+    """name -> (ours variant, diffusers in the variant's half dtype or None), same weights as ``d``."""
+
+    def ours(**over):
+        m = optimize_for_inference(models(arch, fast_config(args), which=("ours",))[0], fast_config(args, **over))
+        m.load_state_dict(d.state_dict())
+        return m.to(dev)
+
+    def diffusers_in(dtype):
+        h = diffusers_vae(ARCHS[arch])
+        h.load_state_dict(d.state_dict())
+        return h.to(dev, dtype)
+
+    out = {}
+    for flag, dtype in (("bf16", "bfloat16"), ("fp16", "float16")):
+        if getattr(args, flag):
+            out[f"ours-{flag}"] = (ours(compute_dtype=dtype), diffusers_in(DTYPES[dtype]))
+    if args.compile:
+        dt = None if args.compile_dtype == "float32" else args.compile_dtype
+        out["ours-compiled"] = (ours(compute_dtype=dt, compile_backend=args.compile_backend),
+                                diffusers_in(DTYPES[args.compile_dtype]) if dt else None)
+    if args.channels_last_ab:
+        out["ours-nchw"] = (ours(channels_last=False), None)
+    return out
+
+
+def time_variant(args, name: str, m, half_d, d, op: str, x: torch.Tensor, ref: torch.Tensor, batch: int) -> dict:
+    """A variant timed round-robin with diffusers fp32 (and diffusers in its dtype, if given)."""
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        v = call(m, op, x, "ours")  # first call: includes compiling / finding fp16 overflows
+        first = time.perf_counter() - t0
+        contenders = {name: lambda: call(m, op, x, "ours"), "diffusers": lambda: call(d, op, x, "diffusers")}
+        if half_d is not None:
+            call(half_d, op, x, "diffusers")
+            contenders["diffusers-same-dtype"] = lambda: call(half_d, op, x, "diffusers")
+        t = interleaved_medians(contenders, args.repeats)
+    rec = precision_record(m)
+    row = dict(variant=name, ips=batch / t[name], speedup=t["diffusers"] / t[name], dtype=rec["compute_dtype"],
+               max_abs_diff=(v.float() - ref.float()).abs().max().item(), first_call_s=first, precision=rec)
+    if half_d is not None:
+        row["speedup_same_dtype"] = t["diffusers-same-dtype"] / t[name]
+        row["diffusers_same_dtype_ips"] = batch / t["diffusers-same-dtype"]
+    return row
+
+
 def load_average() -> str:
     try:
         return "%.1f %.1f %.1f" % os.getloadavg()
@@ -172,13 +226,17 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (GPU memory: torch's peak allocation)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-call peak memory children")
-    p.add_argument("--bf16", action="store_true", help="also time ours with compute_dtype=bfloat16")
-    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile (inductor)")
+    p.add_argument("--bf16", action="store_true", help="also time ours with compute_dtype=bfloat16 (+ diffusers bf16)")
+    p.add_argument("--fp16", action="store_true", help="also time ours with compute_dtype=float16 (+ diffusers fp16)")
+    p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
+    p.add_argument("--compile-dtype", default="float32", choices=list(DTYPES), help="compute dtype of --compile")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for smoke runs)")
+    p.add_argument("--channels-last-ab", action="store_true", help="also time ours without channels-last")
     p.add_argument("--no-channels-last", action="store_true", help="fast path without NHWC (for A/B)")
     p.add_argument("--channels-last-max-width", type=int, default=None, help="NHWC only up to this width")
     p.add_argument("--no-subpixel", action="store_true", help="fast path without the sub-pixel upsampler")
-    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="ours' compute dtype (auto: bf16 on CUDA for fp32 weights, else fp32)")
+    p.add_argument("--compute-dtype", default="model", choices=["model", "float32", "bfloat16", "float16"],
+                   help="ours' compute dtype (model: the weights' dtype, fp32)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
     p.add_argument("--child-memory", nargs=5, metavar=("ARCH", "OP", "SIZE", "BATCH", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -202,22 +260,14 @@ def main(argv=None):
         f"{'GFLOP':>6} {'ours GF/s':>9} {'diff GF/s':>9} {'%ceil o/d':>10} | {'MB ours 2nd/1st':>15} {'MB diff':>8}"
     )
     print(hdr + "\n" + "-" * len(hdr))
-    extras = []
+
+    def dump(peak1=None):  # after every row: a run cut short (a timeout) keeps what it measured
+        if args.json:
+            args.json.write_text(json.dumps({"conv_ceiling_gflops": [peak0, peak1], "rows": rows}, indent=1))
+
     for arch in args.arch:
         ours, d = (m.to(dev) for m in models(arch, fast))
-        variants = {}
-        if args.bf16:
-            variants["ours-bf16"] = optimize_for_inference(
-                models(arch, fast, which=("ours",))[0], fast_config(args, compute_dtype="bfloat16")
-            )
-            variants["ours-bf16"].load_state_dict(d.state_dict())
-            variants["ours-bf16"].to(dev)
-        if args.compile:
-            variants["ours-compiled"] = optimize_for_inference(
-                models(arch, fast, which=("ours",))[0], fast_config(args, compile_backend="inductor")
-            )
-            variants["ours-compiled"].load_state_dict(d.state_dict())
-            variants["ours-compiled"].to(dev)
+        variants = variant_models(args, arch, d, dev)
         for op in args.op:
             flops = conv_flops(ours, op, 256)  # per image at 256 px; scales with area
             for size in args.size:
@@ -246,8 +296,10 @@ def main(argv=None):
                         ours_peak_mb=mem["ours"][0], diffusers_peak_mb=mem["diffusers"][0],
                         ours_first_call_peak_mb=mem["ours"][1], diffusers_first_call_peak_mb=mem["diffusers"][1],
                         memory_exact=mem["ours"][2] and mem["diffusers"][2], load=load_average(),
+                        variant="ours", precision=precision_record(ours),
                     )
                     rows.append(row)
+                    dump()
                     print(
                         f"{arch:6} {op:6} {size:4} {batch:2} | {ips['ours']:7.3f} {ips['diffusers']:7.3f} "
                         f"{row['speedup']:5.2f}x | {diff:8.1e} | "
@@ -256,26 +308,22 @@ def main(argv=None):
                         f"{mem['ours'][0]:6.0f}/{mem['ours'][1]:<6.0f} {mem['diffusers'][0]:8.0f}",
                         flush=True,
                     )
-                    for name, m in variants.items():
-                        with torch.no_grad():
-                            t0 = time.perf_counter()
-                            v = call(m, op, x, "ours")  # first call: includes compiling
-                            first = time.perf_counter() - t0
-                            contenders = {
-                                name: lambda: call(m, op, x, "ours"),
-                                "diffusers": lambda: call(d, op, x, "diffusers"),
-                            }
-                            tv = interleaved_medians(contenders, args.repeats)
-                        vdiff = (v.float() - b).abs().max().item()
-                        extras.append(
-                            f"  {name:14} {arch} {op} {size}px b{batch}: {batch / tv[name]:.3f} img/s, "
-                            f"{tv['diffusers'] / tv[name]:.2f}x diffusers (fp32, same run), max|d| {vdiff:.1e}, "
-                            f"first call {first:.1f}s"
+                    for name, (m, half_d) in variants.items():
+                        row = time_variant(args, name, m, half_d, d, op, x, b, batch)
+                        row.update(arch=arch, op=op, size=size, batch=batch)
+                        rows.append(row)
+                        dump()
+                        print(
+                            f"  {name:14} {arch} {op} {size}px b{batch}: {row['ips']:.3f} img/s, "
+                            f"{row['speedup']:.2f}x diffusers fp32"
+                            + (f", {row['speedup_same_dtype']:.2f}x diffusers {row['dtype']}"
+                               if row.get("speedup_same_dtype") else "")
+                            + f" (same run), max|d| vs diffusers fp32 {row['max_abs_diff']:.1e}, "
+                            f"first call {row['first_call_s']:.1f}s, ran in {row['precision']['compute_dtype']}"
+                            + (f" (fp32: {', '.join(row['precision']['upcast_to_float32'])})"
+                               if row["precision"]["upcast_to_float32"] else ""),
+                            flush=True,
                         )
-                        print(extras[-1], flush=True)
-                        rows.append(dict(arch=arch, op=op, size=size, batch=batch, variant=name,
-                                         ips=batch / tv[name], speedup=tv["diffusers"] / tv[name],
-                                         max_abs_diff=vdiff, first_call_s=first))
         del ours, d, variants
     peak1 = conv_peak_gflops(device=args.device)
     print(f"conv ceiling again at the end: {peak1:.0f} GFLOP/s; load average {load_average()}")
@@ -283,8 +331,7 @@ def main(argv=None):
         print("memory: peak extra RSS of a call in a fresh process (ours: 2nd call / 1st call, which also builds the "
               "derived-weight caches that stay; diffusers: 2nd call)" +
               ("" if all(r.get("memory_exact", True) for r in rows) else " (LOWER BOUND: hwm reset refused)"))
-    if args.json:
-        args.json.write_text(json.dumps({"conv_ceiling_gflops": [peak0, peak1], "rows": rows}, indent=1))
+    dump(peak1)
 
 
 if __name__ == "__main__":

@@ -92,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     for n in summary["notices"]:
         print(f"NOTE: {n}", file=sys.stderr)
     print(format_table(summary))
+    for v in summary["vaes"]:
+        pr = v["precision"]
+        up = f" ({', '.join(pr['upcast_to_float32'])} in float32 after overflowing)" if pr["upcast_to_float32"] else ""
+        print(f"{v['name']}: computed in {pr['compute_dtype']}{up}")
     print(f"\n{summary['interval']}")
     print(f"wrote {a.out / 'metrics.csv'}, {a.out / 'metrics.json'}, {a.out / 'report.html'}")
     return 130 if summary["interrupted"] else 0

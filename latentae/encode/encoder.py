@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from latentae.precision import precision_record
+
 from latentae.encode.config import EncodeConfig, EncodeFault
 from latentae.encode.device import is_out_of_memory
 from latentae.latents.format import stored_tensor
@@ -42,17 +44,12 @@ _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.floa
 def precision_ran(vae) -> dict[str, Any]:
     """What the model computes in, as recorded in job.json and the manifest.
 
-    Asks the model's inference engine (``vae.inference``, attached by
-    ``latentae.fast.optimize_for_inference``): the dtype a call computes in, and how many
-    calls so far were repeated in fp32 because half precision overflowed. Without an
-    engine the model runs its own modules, in its parameters' dtype.
+    :func:`latentae.precision.precision_record` (the dtype a call computes in, the parts
+    moved to fp32 after an fp16 overflow) plus ``fp32_fallbacks``: how many calls so far
+    had to be recomputed because half precision overflowed (counted per part by the job).
     """
-    engine = getattr(vae, "inference", None)
-    if engine is not None:
-        dtype, fallbacks = engine.compute_dtype(vae), int(getattr(engine, "retries", 0))
-    else:
-        dtype, fallbacks = next(vae.parameters()).dtype, 0
-    return {"compute_dtype": str(dtype).removeprefix("torch."), "fp32_fallbacks": fallbacks}
+    record = precision_record(vae)
+    return {**record, "fp32_fallbacks": int(record["nonfinite_recomputes"])}
 
 
 def load_tiling():
