@@ -13,6 +13,7 @@ import pytest
 
 from latentae import runtime
 from latentae.cli import COMMANDS
+from latentae.cli.bench import BENCHES
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -95,6 +96,7 @@ def test_packaged_configs_are_the_checkout_configs():
 def test_every_command_has_help_and_the_package_imports_without_torch():
     code = ("import sys, latentae, latentae.cli, latentae.runtime, latentae.hub\n"
             "import latentae.cli.train, latentae.cli.demo, latentae.cli.export, latentae.cli.stats, latentae.cli.bench\n"
+            "import latentae.cli.compare, latentae.cli.encode\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n"
             "assert callable(latentae.swap_vae) and 'torch' in sys.modules  # names load on first use\n")
     r = run(["-c", code])
@@ -103,6 +105,16 @@ def test_every_command_has_help_and_the_package_imports_without_torch():
         r = run(["-m", "latentae", name, "--help"])
         assert r.returncode == 0 and "usage" in r.stdout.lower(), (name, r.stderr[-2000:])
     assert run(["-m", "latentae", "--version"]).stdout.startswith("latentae ")
+    for name in BENCHES:
+        r = run(["-m", "latentae", "bench", name, "--help"])
+        assert r.returncode == 0 and "usage" in r.stdout.lower(), (name, r.stderr[-2000:])
+
+
+def test_compare_default_matches_the_library():
+    from latentae.cli.compare import DEFAULT_ACTIVE_KL
+    from latentae.health import DEFAULT_ACTIVE_KL as LIBRARY
+
+    assert DEFAULT_ACTIVE_KL == LIBRARY
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +143,12 @@ ERROR_CASES = {
                                ["{broken}", "not a readable safetensors file"]),
     "export: hub id not cached, offline": (["-m", "latentae", "export", "someorg/some-vae", "--out", "{tmp}/x",
                                             "--format", "diffusers"], ["someorg/some-vae", "{hf}/hub", "download"]),
+    "compare: missing VAE": (["-m", "latentae", "compare", "--vae", "a=/missing/vae", "--data", "{tmp}",
+                              "--out", "{tmp}/cmp"], ["--vae a", "/missing/vae"]),
+    "compare: missing data": (["tools/compare.py", "--vae", "a={tmp}", "--data", "{tmp}/no-images", "--out", "{tmp}/cmp"],
+                              ["--data", "{tmp}/no-images"]),
+    "compare: unreadable VAE": (["-m", "latentae", "compare", "--vae", "a={broken}", "--data", "{tmp}", "--out",
+                                 "{tmp}/cmp", "--offline"], ["{broken}"]),
     "demo: missing config": (["tools/demo.py", "--config", "nope"], ["nope"]),
     "demo: unwritable output": (["-m", "latentae", "demo", "--output-dir", "{a_file}/demo"], ["{a_file}/demo"]),
     "bench: unknown benchmark": (["-m", "latentae", "bench", "frobnicate"], ["frobnicate"]),
