@@ -664,7 +664,8 @@ def test_cli_usage_errors_are_one_line_with_status_2(tmp_path, vae_file, capsys)
         (base + ["--data", str(tmp_path / "missing")], "error: data path not found: "),
         (base + ["--data", str(tmp_path), "--size", "0"], "error: size must be >= 1, got 0"),
         (["--vae", str(tmp_path / "nope.safetensors"), "--data", str(tmp_path), "--out", str(tmp_path / "o")],
-         "error: no images found in "),
+         "error: VAE not found: "),
+        (base + ["--data", str(tmp_path)], "error: no images found in "),
     ]:
         assert main(argv) == 2
         err = capsys.readouterr().err
