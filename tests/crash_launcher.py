@@ -73,8 +73,9 @@ def inject_kill_in_checkpoint(n: int) -> None:
     state.write_checkpoint = write_checkpoint
 
 
-def inject_in_step(n: int, action) -> None:
-    """``action()`` inside optimizer step ``n`` (1-based), after the step's work, before agree()."""
+def inject_in_step(n: int, action, patch=setattr) -> None:
+    """``action()`` inside optimizer step ``n`` (1-based), after the step's work, before agree().
+    ``patch``: how ``loop.train_step`` is replaced (a test passes ``monkeypatch.setattr``)."""
     from latentae.training import loop
 
     original = loop.train_step
@@ -85,7 +86,7 @@ def inject_in_step(n: int, action) -> None:
             action()
         return out
 
-    loop.train_step = train_step
+    patch(loop, "train_step", train_step)
 
 
 def inject_signal_in_step(spec: str) -> None:

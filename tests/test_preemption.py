@@ -14,6 +14,7 @@ import pytest
 from latentae.training import loop, state
 from latentae.training.control import RunControl
 from latentae.training.loop import Trainer, train
+from crash_launcher import inject_in_step
 from test_train import _cli, fresh_accelerate_state  # noqa: F401  (autouse: fresh Accelerate state, 1 thread)
 from test_train_common import tiny_config, write_config
 
@@ -26,15 +27,7 @@ def _signal_self(signum: int = signal.SIGUSR1) -> None:
 
 def _in_step(monkeypatch, n: int, action) -> None:
     """``action()`` during optimizer step ``n`` (1-based), after its work, before its collective."""
-    original = loop.train_step
-
-    def train_step(parts, cfg, step, batches):
-        out = original(parts, cfg, step, batches)
-        if step + 1 == n:
-            action()
-        return out
-
-    monkeypatch.setattr(loop, "train_step", train_step)
+    inject_in_step(n, action, patch=monkeypatch.setattr)
 
 
 def _checkpoints(run) -> list[int]:
