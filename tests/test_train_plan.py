@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 import time
@@ -12,6 +11,7 @@ import pytest
 from latentae.recipe import load_config
 from latentae.training.config import effective_lrs
 
+from test_train import _cli
 from test_train_common import CONFIGS, TRAIN_PY, subprocess_env
 
 
@@ -36,13 +36,6 @@ def test_scale_lr_is_ldms_arithmetic():
     assert (plain.vae, plain.disc, plain.factor) == (tiny.train.lr, tiny.train.lr, 1)
     with pytest.raises(ValueError, match="processes must be >= 1"):
         effective_lrs(tiny.train, 0)
-
-
-def _cli():
-    spec = importlib.util.spec_from_file_location("latentae_train_cli_plan", TRAIN_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
 
 
 def test_dry_run_reads_no_data_and_builds_no_model(tmp_path, capsys, monkeypatch):
