@@ -103,17 +103,23 @@ def rotate90(t: torch.Tensor, k: int = 1) -> torch.Tensor:
     return torch.rot90(t, k, dims=(-2, -1))
 
 
+def covered_size(image_size: tuple[int, int], vae_factor: int) -> tuple[int, int]:
+    """(h, w): the latent pixels whose ``vae_factor``-block lies inside an image of ``image_size``
+    (a VAE reflect-pads images whose sides are not multiples of it)."""
+    h, w = image_size[0] // vae_factor, image_size[1] // vae_factor
+    if h < 1 or w < 1:
+        raise ValueError(f"image {tuple(image_size)} is smaller than one {vae_factor}x{vae_factor} latent pixel")
+    return h, w
+
+
 def covered(z: torch.Tensor, x: torch.Tensor, vae_factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Latents ``[N, C, h, w]`` and images ``[N, 3, H, W]`` cut to the part where they
-    describe each other: latent pixels whose ``vae_factor``-block lies inside the image
-    (a VAE reflect-pads images whose sides are not multiples of it), and those blocks."""
-    h, w = x.shape[-2] // vae_factor, x.shape[-1] // vae_factor
+    describe each other: the latent pixels of :func:`covered_size`, and their blocks."""
+    h, w = covered_size(tuple(x.shape[-2:]), vae_factor)
     if z.shape[-2] < h or z.shape[-1] < w:
         raise ValueError(
             f"latents {tuple(z.shape[-2:])} are smaller than image {tuple(x.shape[-2:])} / factor {vae_factor}"
         )
-    if h < 1 or w < 1:
-        raise ValueError(f"image {tuple(x.shape[-2:])} is smaller than one {vae_factor}x{vae_factor} latent pixel")
     return z[..., :h, :w], x[..., : h * vae_factor, : w * vae_factor]
 
 
@@ -280,7 +286,7 @@ def area_share_above(h: int, w: int, cutoff: float = HALF_NYQUIST) -> float:
 
 
 __all__ = [
-    "BINS_PER_NYQUIST", "HALF_NYQUIST", "area_share_above", "covered", "crop_to_multiple", "dct_matrix", "dct_power",
+    "BINS_PER_NYQUIST", "HALF_NYQUIST", "area_share_above", "covered", "covered_size", "crop_to_multiple", "dct_matrix", "dct_power",
     "downsample", "equivariance_psnr", "high_frequency_share", "image_at_latent_size", "radial_bins",
     "radial_frequency", "radial_power_spectrum", "resize_area", "resize_pair", "rotate90", "rotation_pair", "scale_pair", "transform_pair",
 ]

@@ -71,15 +71,6 @@ class ForwardOutput:
     logs: dict[str, Tensor] = field(default_factory=dict)  # FORWARD_LOG_KEYS, device scalars
 
 
-def covered_latent_size(image_size: tuple[int, int], vae_factor: int) -> tuple[int, int]:
-    """The latent pixels whose F x F block lies inside the image (``diffusability.covered``):
-    the grid the transforms work on (a padded image's last latent row is partly padding)."""
-    h, w = image_size[0] // vae_factor, image_size[1] // vae_factor
-    if h < 1 or w < 1:
-        raise ValueError(f"image {tuple(image_size)} is smaller than one {vae_factor}x{vae_factor} latent pixel")
-    return h, w
-
-
 def _scaled_size(size: tuple[int, int], s: float) -> tuple[int, int]:
     return max(1, round(s * size[0])), max(1, round(s * size[1]))
 
@@ -93,7 +84,7 @@ def draw_plan(cfg: LossConfig, *, seed: int, image_size: tuple[int, int], vae_fa
     """
     rng = random.Random(seed)  # Python's Mersenne Twister: no tensor, nothing to read back from a device
     r = [rng.random() for _ in range(6)]
-    lat = covered_latent_size(tuple(image_size), vae_factor)
+    lat = dif.covered_size(tuple(image_size), vae_factor)
     lo, hi = cfg.eq_vae_scales
     eq_size = low_res = None
     k = 0
@@ -176,5 +167,5 @@ class TrainingForward(nn.Module):
 
 __all__ = [
     "FORWARD_LOG_KEYS", "ForwardOutput", "ForwardPlan", "TrainingForward", "add_latent_noise", "draw_latent_noise",
-    "covered_latent_size", "draw_plan",
+    "draw_plan",
 ]  # fmt: skip

@@ -38,7 +38,7 @@ _READS = {"item", "tolist", "numpy", "__bool__", "__int__", "__float__", "__inde
 
 
 # Code that handles host tensors only (see the module docstring): its reads are no syncs.
-HOST_SIDE_FILES = ("/torch/utils/data/", "/latentae/data.py", "/latentae/imageio.py")
+HOST_SIDE_FILES = ("/torch/utils/data/", "/latentae/data/", "/latentae/imageio.py")
 
 
 def _host_side_caller(depth: int = 4) -> bool:
