@@ -50,7 +50,7 @@ from latentae.training.plan import check_config
 from latentae.training.ranks import Ranks
 from latentae.training.setup import Parts, set_up, share_data
 from latentae.training.state import open_start, resolve_start, save_checkpoint, start_view_problem
-from latentae.training.step import nonfinite_problem, train_step
+from latentae.training.step import GRADIENT_NORMS, nonfinite_problem, train_step
 
 log = logging.getLogger("latentae.train")
 
@@ -173,7 +173,7 @@ class Trainer:
             ))  # fmt: skip
         self.stop_agreed = self.stop_agreed or report.stop
         if fp16:  # the scalers skipped this step's update of the optimizer(s) whose gradients overflowed
-            self.amp_skips += sum(not math.isfinite(report.values.get(k, 0.0)) for k in ("grad_norm", "disc/grad_norm"))
+            self.amp_skips += sum(not math.isfinite(report.values.get(k, 0.0)) for k in GRADIENT_NORMS)
         self.step += 1
         return report
 

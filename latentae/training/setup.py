@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -30,7 +28,9 @@ from latentae.training.config import LearningRates, effective_lrs
 from latentae.training.errors import StartupError, on_every_rank
 from latentae.training.forward import TrainingForward
 from latentae.training.models import freeze_encoder, initial_vae, training_discriminator
-from latentae.training.state import StartPoint, restore_scalers, restore_training_state, seed_rngs, set_rng_state
+from latentae.training.state import (
+    StartPoint, restore_scalers, restore_training_state, seed_global_rngs, seed_rngs, set_rng_state,
+)
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -176,9 +176,7 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list
 
     # 3. Seed every global RNG alike on every rank, right before the models: identical
     #    initial weights everywhere (DDP broadcasts the VAE anyway; the loss is not wrapped).
-    random.seed(tc.seed)
-    np.random.seed(tc.seed % 2**32)
-    torch.manual_seed(tc.seed)
+    seed_global_rngs(tc.seed)
 
     # 4. Modules. On resume the weights come from the checkpoint: init_from is not read again.
     #    The loss may raise MissingWeightsError (LPIPS backbone not on disk). SyncBatchNorm

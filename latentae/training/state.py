@@ -256,6 +256,13 @@ def rng_state() -> dict[str, Any]:
     }
 
 
+def seed_global_rngs(seed: int) -> None:
+    """Python's, numpy's and torch's global generators, all from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def seed_rngs(seed: int, step: int, rank: int) -> None:
     """Elastic resume: every global RNG of this rank seeded from (seed, step, rank).
 
@@ -263,10 +270,7 @@ def seed_rngs(seed: int, step: int, rank: int) -> None:
     step depends on these streams for exactness (posterior noise, crops and the data
     order have seeds of their own), so this only has to be reproducible and fresh.
     """
-    s = hash_seed(seed, "elastic-resume", step, rank)
-    random.seed(s)
-    np.random.seed(s % 2**32)
-    torch.manual_seed(s)
+    seed_global_rngs(hash_seed(seed, "elastic-resume", step, rank))
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -367,6 +371,7 @@ __all__ = [
     "open_start",
     "resolve_start",
     "restore_scalers",
+    "seed_global_rngs",
     "restore_training_state",
     "rng_state",
     "save_checkpoint",

@@ -104,8 +104,7 @@ def train_step(parts: Parts, cfg: Config, step: int, batches: Iterator[dict]) ->
         logs.update(out.logs)
         # In an EQ-VAE step the discriminator judges the transformed pair, as the paper's code does.
         kept.append((out.target, out.reconstruction.detach()))
-        for k, v in logs.items():
-            values[k] = values[k] + v / accum if k in values else v / accum
+        _accumulate(values, logs, accum)
     extra = parts.loss.trainable_parameters()
     if extra and acc.num_processes > 1:
         # The loss module is not DDP-wrapped: average the learned logvar's gradient by hand.
@@ -126,9 +125,7 @@ def train_step(parts: Parts, cfg: Config, step: int, batches: Iterator[dict]) ->
                 with autocast:
                     d_loss, dlogs = parts.loss.discriminator_loss(x, rec, step=step, discriminator=parts.disc_forward)
                 parts.disc_scaler.scale(d_loss / accum).backward()
-            for k, v in dlogs.items():
-                k = "disc/" + k
-                values[k] = values[k] + v / accum if k in values else v / accum
+            _accumulate(values, dlogs, accum, prefix="disc/")
         values["disc/grad_norm"] = optimizer_step(parts.disc_opt, parts.disc_scaler, tc.clip_grad_norm)
         if parts.disc_scaler.is_enabled():
             values["amp/disc_scale"] = parts.disc_scaler._get_scale_async().detach().float()
@@ -138,6 +135,13 @@ def train_step(parts: Parts, cfg: Config, step: int, batches: Iterator[dict]) ->
 
 
 # Which logged values must be finite, and what to call them in the error.
+def _accumulate(values: dict[str, Tensor], logs: dict[str, Tensor], accum: int, prefix: str = "") -> None:
+    """Add a micro-batch's logs (each / ``accum``) into the step's ``values`` under ``prefix``."""
+    for k, v in logs.items():
+        k = prefix + k
+        values[k] = values[k] + v / accum if k in values else v / accum
+
+
 GRADIENT_NORMS = {"grad_norm": "VAE", "disc/grad_norm": "discriminator"}
 
 
