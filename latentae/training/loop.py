@@ -187,8 +187,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Checkpoint the current step (a collective: every rank calls it at the same step)."""
         self.last_checkpoint = save_checkpoint(
-            self.parts, step=self.step, output_dir=self.out, cfg=self.cfg, config_yaml=dump_config(self.cfg),
-            loader_state=self.parts.loader.state_dict(), skipped_samples=self.skipped_total,
+            self.parts, step=self.step, output_dir=self.out, cfg=self.cfg, skipped_samples=self.skipped_total,
         )  # fmt: skip
         self._sync(f"checkpoint {self.step}")  # rank 0 has written it (or failed: then every rank ends)
         self.control.checkpoint_done()

@@ -310,8 +310,7 @@ def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, config_yaml: str,
-                    loader_state: dict, skipped_samples: int) -> Path:  # fmt: skip
+def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, skipped_samples: int) -> Path:
     """Write ``checkpoints/step-{step}/`` atomically (main process), every rank contributing its state.
 
     A collective (one all-gather): every rank must call it at the same step. Refuses
@@ -321,13 +320,15 @@ def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, c
     """
     from accelerate.utils import gather_object
 
+    from latentae.recipe import dump_config  # recipe imports training.config: not at module level
+
     acc, vae, disc, ema = parts.acc, parts.vae_raw, parts.disc_raw, parts.ema
     for name, m in (("vae", vae), ("discriminator", disc), ("ema", ema and ema.model)):
         if m is not None and not _all_finite(m):
             raise NonFiniteError(f"refusing to checkpoint step {step}: non-finite {name} weights")
     rank_state = {
         "rng": rng_state(),
-        "loader": loader_state,
+        "loader": parts.loader.state_dict(),
         "scalers": {k: (s.state_dict() if s is not None else None) for k, s in parts.scalers().items()},
     }
     gathered = gather_object([(rank_state, fingerprint(vae, disc))])  # every rank gets every rank's
@@ -342,7 +343,7 @@ def save_checkpoint(parts: Parts, *, step: int, output_dir: Path, cfg: Config, c
             "optimizer.pt": lambda p: torch.save(
                 {"vae": parts.vae_opt.state_dict(), "disc": parts.disc_opt.state_dict() if disc else None}, p
             ),
-            "config.yaml": lambda p: p.write_text(config_yaml),
+            "config.yaml": lambda p: p.write_text(dump_config(cfg)),
         }
         if ema is not None:
             writers["vae_ema.safetensors"] = lambda p: save_vae_safetensors(ema.model, p)
