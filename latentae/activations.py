@@ -26,12 +26,17 @@ band is written.
 from __future__ import annotations
 
 import errno
+import math
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    return math.prod(shape) * dtype.itemsize
 
 
 class ChannelMoments:
@@ -91,7 +96,7 @@ class Activation:
 
     def __init__(self, shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device):
         self.shape, self.dtype, self.device = shape, dtype, device
-        self.nbytes = shape[0] * shape[1] * shape[2] * shape[3] * torch.empty((), dtype=dtype).element_size()
+        self.nbytes = _nbytes(shape, dtype)
         self.moments = ChannelMoments()
 
     def pieces(self, a: int, b: int) -> list[torch.Tensor]:
@@ -184,7 +189,7 @@ class OnDisk(Activation):
         store.on_disk += self.nbytes
         store.peak_disk = max(store.peak_disk, store.on_disk)
         n, c, h, w = shape
-        es = self.nbytes // (n * c * h * w)
+        es = dtype.itemsize
         self._sample_bytes, self._row_bytes = h * w * c * es, w * c * es
 
     def pieces(self, a: int, b: int) -> list[torch.Tensor]:
@@ -250,7 +255,7 @@ class ActivationStore:
 
     def new(self, shape: tuple[int, int, int, int], dtype: torch.dtype, result: bool = False) -> Activation:
         """A tensor of ``shape``; ``result=True``: a final result, in memory whatever the budget, as one tensor."""
-        nbytes = shape[0] * shape[1] * shape[2] * shape[3] * torch.empty((), dtype=dtype).element_size()
+        nbytes = _nbytes(shape, dtype)
         if result or self.memory is None or self.in_memory + nbytes <= self.memory:
             act: Activation = InMemory(shape, dtype, self.device, self, dense=result)
             self.in_memory += nbytes

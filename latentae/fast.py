@@ -282,7 +282,7 @@ def optimize_for_inference(
     if not isinstance(vae, AutoencoderKL):
         raise TypeError(f"optimize_for_inference expects a latentae AutoencoderKL, got {type(vae).__name__}")
     if compute_dtype is not None:
-        config = replace(config, compute_dtype=dtype_name(parse_dtype(compute_dtype)))
+        config = replace(config, compute_dtype=compute_dtype)  # FastConfig normalises and checks it
     if compile is not None:
         config = replace(config, compile_backend="inductor" if compile else None)
     vae.inference = InferenceEngine(config)

@@ -180,23 +180,23 @@ class Streamer:
             aff = norm_affine(a.group_norm, x.moments, o.dtype)
             wqkv, bqkv = o.qkv(a)
 
-            def tokens(r0: int, r1: int) -> torch.Tensor:  # normalised [N, r*W, C]
-                t = apply_norm(o.layout(x.rows(r0, r1)), aff, False)
-                return t.permute(0, 2, 3, 1).reshape(n, -1, c)
+            def tokens(xr: torch.Tensor) -> torch.Tensor:  # rows of x [N, C, r, W] -> normalised [N, r*W, C]
+                return apply_norm(xr, aff, False).permute(0, 2, 3, 1).reshape(n, -1, c)
 
             k = torch.empty((n, h * w, c), dtype=o.dtype, device=x.device)
             v = torch.empty_like(k)
             for r0, r1 in self.bands(x.shape):
-                kv = F.linear(tokens(r0, r1), wqkv[c:], bqkv[c:])  # [N, r*W, 2C]
+                kv = F.linear(tokens(o.layout(x.rows(r0, r1))), wqkv[c:], bqkv[c:])  # [N, r*W, 2C]
                 k[:, r0 * w : r1 * w], v[:, r0 * w : r1 * w] = kv[..., :c], kv[..., c:]
             out = x if in_place and x.dtype == o.dtype else self.new(o, x.shape, c)
             if out is x:
                 out.rewrite()  # band r0:r1 reads (queries, residual) only its own rows
             for r0, r1 in self.bands(x.shape):
-                q = F.linear(tokens(r0, r1), wqkv[:c], bqkv[:c])
+                xr = o.layout(x.rows(r0, r1))  # read once: the queries and the residual
+                q = F.linear(tokens(xr), wqkv[:c], bqkv[:c])
                 y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
                 y = F.linear(y, o.p(a.to_out[0].weight), o.p(a.to_out[0].bias))  # [N, r*W, C]
-                y = y.view(n, r1 - r0, w, c).permute(0, 3, 1, 2) + o.layout(x.rows(r0, r1))
+                y = y.view(n, r1 - r0, w, c).permute(0, 3, 1, 2) + xr
                 out.write(r0, y)
             return out
 
@@ -307,12 +307,10 @@ def stream(
     see ``latentae.activations``. ``report`` (a dict) receives the peak bytes of kept
     activations in memory and on disk.
     """
-    f = vae.config.downsample_factor
     widths = _widths(vae, what, x.shape[-2])
-    top = x.shape[-2] * f if what == "decode" else x.shape[-2]
     # Half of one tile's widest activation (fp32): a band's working set (its halo buffer, the conv
     # output, a read-back from disk, kernel temporaries) is then about two tiles' worth.
-    band_bytes = x.shape[0] * (tile * f) ** 2 * widths[top] * 4 // 2
+    band_bytes = tile_bytes(vae, what, tile, x.shape[0]) // 2
     dtype = engine.compute_dtype(vae)
     store = ActivationStore(x.device, memory, spill_dir)
     s = Streamer(vae, engine, dtype, store, band_bytes, widths, what)
@@ -327,6 +325,14 @@ def stream(
     return out
 
 
+def tile_bytes(vae: AutoencoderKL, what: str, tile: int, n: int = 1) -> int:
+    """Bytes of the widest full-resolution activation of ``n`` tiles of ``tile`` x ``tile`` latent px
+    in a ``what`` ("decode" / "encode"), fp32: the unit bands and budgets are measured in."""
+    f = vae.config.downsample_factor
+    top = tile * f  # the full-resolution level of both networks
+    return n * top**2 * _widths(vae, what, tile if what == "decode" else top)[top] * 4
+
+
 def _widths(vae: AutoencoderKL, what: str, h: int) -> dict[int, int]:
     """Height -> channels of the widest tensor at that resolution, for a decode of latents of height
     ``h`` or an encode of (padded) images of height ``h``."""
@@ -337,4 +343,4 @@ def _widths(vae: AutoencoderKL, what: str, h: int) -> dict[int, int]:
     return {h // 2**i: max(ch[max(i - 1, 0)], ch[i]) for i in range(len(ch))}  # level i at h / 2**i
 
 
-__all__ = ["Streamer", "stream", "norm_affine", "apply_norm"]
+__all__ = ["Streamer", "stream", "norm_affine", "apply_norm", "tile_bytes"]

@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from latentae.bench import child_env
 from latentae.cli.common import Parser, fail, positive_int
 
 LOADS = {
@@ -54,7 +55,6 @@ LOADS = {
         "    torch.nn.functional.conv2d(x, w, padding=1)\n"
     ),
 }
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding latentae/: the children import this copy
 NAMED = {"before": ("default", "torch"), "after": ("passive", "rule")}
 
 
@@ -135,9 +135,8 @@ def _start_load(name: str) -> subprocess.Popen | None:
 
 
 def _measure(wait: str, threads: str, data: Path, args) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
+    env = child_env({k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS")})
     env["PYTHONWARNINGS"] = "ignore"
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))
     cmd = [sys.executable, "-m", "latentae.bench.busy", "--child", wait, threads, "--data", str(data),
            "--steps", str(args.steps), "--warmup", str(args.warmup)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from latentae.bench import child_env
 from latentae.cli.common import Parser
 from latentae.data import DataConfig, FileList, SlotStream, build_train_loader
 from latentae.data.shards import fresh_slot_state
@@ -196,8 +197,7 @@ def bench_filelist(args, tmp: Path) -> None:
           f"{old_long:.0f} with one 250-character path ({old_long / (fl.nbytes() / n):.1f}x)")  # fmt: skip
     print(f"build from paths {t_build:.2f} s, store {t_save:.2f} s, open + verify digest {t_open:.2f} s")
     (tmp / "folder").mkdir()
-    package_root = str(Path(__file__).resolve().parents[2])  # the folder holding latentae/: the child imports this copy
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    env = child_env()  # the child imports this copy of latentae
     out = subprocess.run([sys.executable, "-c", MEMORY, str(n), str(tmp / "folder"), str(tmp / "files.bin")],
                          capture_output=True, text=True, env=env)  # fmt: skip
     if out.returncode != 0:

@@ -36,17 +36,17 @@ import sys
 import time
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding latentae/: the children import this copy
 
 import torch
 
+from latentae.bench import child_env
 from latentae.cli.common import Parser
 
 from latentae.benchmarking import PeakRSS, conv_flops, conv_peak_gflops, interleaved_medians
 from latentae.fast import FastConfig, optimize_for_inference
 from latentae.io import diffusers_config
 from latentae.model import ModelConfig, build_vae
-from latentae.precision import precision_record
+from latentae.precision import DTYPES, precision_record
 
 ARCHS = {
     "f8c4": ModelConfig(latent_channels=4, use_quant_conv=True, use_post_quant_conv=True),
@@ -55,7 +55,6 @@ ARCHS = {
     "tiny-f8c4": ModelConfig(latent_channels=4, block_out_channels=(16, 32, 64, 64), layers_per_block=1,
                              norm_num_groups=8),
 }
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def diffusers_vae(cfg: ModelConfig):
@@ -146,7 +145,7 @@ def peak_memory(args, arch, op, size, batch, impl) -> tuple[float, float, bool]:
     if args.channels_last_max_width is not None:
         cmd += ["--channels-last-max-width", str(args.channels_last_max_width)]
     cmd += ["--compute-dtype", args.compute_dtype]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"memory child failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
@@ -169,7 +168,7 @@ def variant_models(args, arch: str, d, dev) -> dict:
     """name -> (ours variant, diffusers in the variant's half dtype or None), same weights as ``d``."""
 
     def ours(**over):
-        m = optimize_for_inference(models(arch, fast_config(args), which=("ours",))[0], fast_config(args, **over))
+        m = models(arch, fast_config(args, **over), which=("ours",))[0]
         m.load_state_dict(d.state_dict())
         return m.to(dev)
 

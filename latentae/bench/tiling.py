@@ -32,7 +32,6 @@ up to --untiled-max px.
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -40,17 +39,18 @@ import tempfile
 import time
 from pathlib import Path
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding latentae/: the children import this copy
 
 import numpy as np
 import torch
 
+from latentae.bench import child_env
 from latentae.cli.common import Parser
 import torch.nn.functional as F
 
 from latentae.benchmarking import PeakRSS
 from latentae.io import diffusers_config, load_vae
 from latentae.model import ModelConfig, build_vae
+from latentae.streaming import tile_bytes
 from latentae.tiling import DEFAULT_MEMORY, tiled_decode, tiled_encode, windows
 
 PHOTOS = Path("/work/shared/data/photos")
@@ -68,13 +68,6 @@ def get_vae(path: str | None, quiet: bool = False):
     if not quiet:
         print("NOTE: no --vae given: SD-size f8c4 architecture with RANDOM weights (a poor test of seams)")
     return vae, "random sd-f8c4"
-
-
-def one_tile_bytes(vae, tile: int) -> int:
-    """Bytes of one tile x tile latent px tile's widest activation at full resolution, fp32."""
-    ch = vae.config.block_out_channels
-    f = vae.config.downsample_factor
-    return (tile * f) ** 2 * max(ch[0], ch[min(1, len(ch) - 1)]) * 4
 
 
 def load_images(folder: str | None, n: int) -> list[tuple[str, torch.Tensor]]:
@@ -207,7 +200,7 @@ def run_child(args, op: str, size: int, mode: str, memory: int | None, save: str
            "--tile", str(args.tile)]
     if args.vae:
         cmd += ["--vae", args.vae]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         why = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
@@ -222,7 +215,7 @@ def gib(b: float) -> str:
 
 def cost(args, vae, name) -> list[dict]:
     """Tiled (exact, one tile of memory) vs untiled: time ratio, PSNR, peak memory, fresh processes."""
-    budget = one_tile_bytes(vae, args.tile)
+    budget = tile_bytes(vae, "decode", args.tile)  # the decoder's tile, for the encode too
     rows = []
     print(f"\ncost of exact statistics ({name}, tile {args.tile} latent px, memory = one tile = {gib(budget)}; "
           f"fresh process each, {args.cost_repeats} alternations):")

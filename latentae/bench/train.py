@@ -27,16 +27,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from latentae.bench import child_env
 from latentae.cli.common import Parser
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]  # the folder holding latentae/: the children import this copy
 
 
 def _peak_rss_reset() -> int:
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(json.dumps(run_variant(args)))
         return 0
 
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PACKAGE_ROOT), os.environ.get("PYTHONPATH")]))}
+    env = child_env()
     best: dict[str, dict] = {}
     for r in range(args.rounds):
         for variant in ("ours", "reference"):
