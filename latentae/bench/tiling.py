@@ -242,8 +242,9 @@ def cost(args, vae, name) -> list[dict]:
             print(f"  {op} {size:5} px: tiled/untiled time {row['ratio']:.3f} ({med['exact']:.1f}s / {med['untiled']:.1f}s, "
                   f"medians of {len(runs['exact'])}/{len(runs['untiled'])}), PSNR {row['psnr']:.1f} dB, max|d| "
                   f"{row['max_abs']:.1e}\n      peak memory tiled: total {gib(t['total'])}, extra {gib(t['extra'])} "
-                  f"(kept in memory {gib(t['peak_in_memory'])}, on disk {gib(t['peak_disk'])}); "
-                  f"untiled: total {gib(u['total'])}, extra {gib(u['extra'])}", flush=True)
+                  + (f"(kept in memory {gib(t['peak_in_memory'])}, on disk {gib(t['peak_disk'])}); "
+                     if "peak_in_memory" in t else "(one tile covers the input: the plain call ran); ")
+                  + f"untiled: total {gib(u['total'])}, extra {gib(u['extra'])}", flush=True)
     return rows
 
 
