@@ -27,21 +27,6 @@ import torch
 log = logging.getLogger(__name__)
 
 
-def local_processes() -> int:
-    """Processes of this job on this machine (torchrun / accelerate set LOCAL_WORLD_SIZE)."""
-    try:
-        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    except ValueError:
-        return 1
-
-
-def usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 def default_num_workers(device_type: str, cpus: int, local_procs: int) -> int:
     """Decoding workers per process when ``num_workers`` is not given (see the module docstring)."""
     if device_type == "cpu":

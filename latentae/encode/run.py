@@ -16,10 +16,8 @@ from latentae.encode.claims import Claims, Owner
 from latentae.encode.config import EncodeConfig, EncodeFault, EncodeResult, InputShardError
 from latentae.encode.device import (
     default_num_workers,
-    local_processes,
     pin_memory,
     set_priority,
-    usable_cpus,
     use_writer_thread,
     worker_priority,
 )
@@ -30,6 +28,7 @@ from latentae.encode.reading import PartBatches
 from latentae.encode.writer import TMP, ShardWriter, part_done, write_json_atomic
 from latentae.imageio import check_source
 from latentae.latents.format import MANIFEST
+from latentae.runtime import local_processes, usable_cpus
 
 log = logging.getLogger(__name__)
 _PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
