@@ -37,7 +37,6 @@ from latentae.sources import (
     expand_shards,
     is_shard_source,
     iter_shard,
-    iter_source,
     no_images_error,
 )
 
@@ -317,7 +316,8 @@ def _shard_loader(cfg: DataConfig, batch_size: int, seed: int, rank: int, world_
     wanted = PROBE_IMAGES if cfg.small_images == "skip" else 1
     errors: list[tuple[str, str]] = []
     probes = []
-    for s in iter_source(cfg.path, on_error=lambda name, reason: errors.append((name, reason))):
+    note = lambda name, reason: errors.append((name, reason))  # noqa: E731
+    for s in (s for url in urls for s in iter_shard(url, note)):  # the expanded list: not checked again
         if s.source not in held_sources:
             probes.append((s.data, s.source))
         if len(probes) >= wanted:

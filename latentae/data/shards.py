@@ -46,9 +46,12 @@ def epoch_shard_order(n_shards: int, seed: int, epoch: int) -> list[int]:
     return order
 
 
-def default_plan(n_shards: int, seed: int, epoch: int, slot: int, slots: int) -> list[Unit]:
-    """The whole shards of one slot in one epoch (all of them when splitting by sample)."""
-    order = epoch_shard_order(n_shards, seed, epoch)
+def default_plan(n_shards: int, seed: int, epoch: int, slot: int, slots: int,
+                 order: list[int] | None = None) -> list[Unit]:
+    """The whole shards of one slot in one epoch (all of them when splitting by sample).
+    ``order``: ``epoch_shard_order(n_shards, seed, epoch)`` when the caller has it already."""
+    if order is None:
+        order = epoch_shard_order(n_shards, seed, epoch)
     mine = order[slot::slots] if n_shards >= slots else order
     return [[i, [], [0, 0, None]] for i in mine]
 
@@ -299,6 +302,7 @@ def elastic_shard_states(old: list[dict], *, n_shards: int, seed: int, rank: int
         return [fresh_slot_state(epoch) for _ in range(workers)], note
     units: list[Unit] = []
     partial = buffered = 0
+    order = None  # the epoch's shard order, shuffled once for all the old slots that need it
     for slot, st in enumerate(slot_states):
         if st["epoch"] != epoch:
             continue
@@ -310,7 +314,10 @@ def elastic_shard_states(old: list[dict], *, n_shards: int, seed: int, rank: int
             units.append([shard, sorted(waiting.pop(shard, []) + [list(f) for f in fetch]), pos])
             partial += 1
         units.extend([shard, sorted(entries), None] for shard, entries in sorted(waiting.items()))
-        plan = st["plan"] if st["plan"] is not None else default_plan(n_shards, seed, epoch, slot, old_slots)
+        plan = st["plan"]
+        if plan is None:
+            order = order or epoch_shard_order(n_shards, seed, epoch)
+            plan = default_plan(n_shards, seed, epoch, slot, old_slots, order)
         units.extend(plan[st["next_unit"] :])
     mine = [fresh_slot_state(epoch, units[t::new_slots]) for t in range(rank * workers, (rank + 1) * workers)]
     note = (
