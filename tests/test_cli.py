@@ -147,6 +147,8 @@ ERROR_CASES = {
                               "--out", "{tmp}/cmp"], ["--vae a", "/missing/vae"]),
     "compare: missing data": (["tools/compare.py", "--vae", "a={tmp}", "--data", "{tmp}/no-images", "--out", "{tmp}/cmp"],
                               ["--data", "{tmp}/no-images"]),
+    "compare: data is a file": (["-m", "latentae", "compare", "--vae", "a={tmp}", "--data", "{a_file}", "--out",
+                                 "{tmp}/cmp"], ["--data", "{a_file}", "is a file"]),
     "compare: unreadable VAE": (["-m", "latentae", "compare", "--vae", "a={broken}", "--data", "{tmp}", "--out",
                                  "{tmp}/cmp", "--offline"], ["{broken}"]),
     "demo: missing config": (["tools/demo.py", "--config", "nope"], ["nope"]),

@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     a = p.parse_args(argv)
     runtime.prefer_passive_waiting()  # before torch loads (latentae.compare imports it)
     from latentae.compare import CompareConfig, format_table, parse_vae_arg, run_compare
+    from latentae.sources import check_path, expand_shards, is_shard_source
 
     # Cheap checks before any model loads: a typo in a path is one line, not a traceback.
     try:
@@ -90,8 +91,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         problem = vae_source_problem(path)
         if problem:
             return fail(f"--vae {name}: {problem}")
-    if not any(ch in a.data for ch in "{*?") and not a.data.startswith("pipe:") and not Path(a.data).exists():
-        return fail(f"--data not found: {a.data} (an image folder, or a WebDataset shard pattern such as shards-{{000..009}}.tar)")
+    try:  # the data layer's own start-up checks (no listing of a folder yet)
+        if is_shard_source(check_path(a.data)):
+            expand_shards(a.data)
+    except (FileNotFoundError, ValueError) as e:
+        return fail(f"--data: {e}")
     if a.out.exists() and not a.out.is_dir():
         return fail(f"--out is a file, not a folder: {a.out}")
     import torch
