@@ -204,21 +204,23 @@ class InferenceEngine:
         """One pass, each stage in its dtype (eager, or compiled per dtype plan)."""
         backend = self.config.compile_backend
         if backend is None:
-            ops = {dt: self.ops(dt) for dt in set(dtypes)}
-            for (_, fn), dt in zip(stages, dtypes):
-                x = fn(ops[dt], vae, ops[dt].layout(x))
-            return x
+            return self._runner(stages, dtypes, cached=True)(vae, x)
         key = (what, dtypes)
-        if key not in self._compiled:
-            ops = {dt: self.ops(dt, cached=False) for dt in set(dtypes)}  # compiled code derives weights inline
-
-            def forward(vae_: AutoencoderKL, x_: torch.Tensor) -> torch.Tensor:
-                for (_, fn), dt in zip(stages, dtypes):
-                    x_ = fn(ops[dt], vae_, ops[dt].layout(x_))
-                return x_
-
+        if key not in self._compiled:  # compiled code derives its weights inline: no cache
+            forward = self._runner(stages, dtypes, cached=False)
             self._compiled[key] = torch.compile(forward, backend=backend, dynamic=False)
         return self._compiled[key](vae, x)
+
+    def _runner(self, stages: list[Stage], dtypes: tuple, cached: bool) -> Callable:
+        """``forward(vae, x)``: the stages in turn, each in its dtype (the ops built here, outside any compile)."""
+        ops = {dt: self.ops(dt, cached) for dt in set(dtypes)}
+
+        def forward(vae_: AutoencoderKL, x_: torch.Tensor) -> torch.Tensor:
+            for (_, fn), dt in zip(stages, dtypes):
+                x_ = fn(ops[dt], vae_, ops[dt].layout(x_))
+            return x_
+
+        return forward
 
     def _recover(self, what: str, vae: AutoencoderKL, x: torch.Tensor, stages: list[Stage], dtype: torch.dtype):
         """Stage by stage, checking each output: a stage that overflows ``dtype`` (non-finite in
