@@ -72,8 +72,7 @@ def download_command(repo_id: str, subfolder: str | None, revision: str | None) 
     # `hf` replaced `huggingface-cli` in huggingface_hub 0.34 (and the old name was dropped in 1.0).
     major, minor = (int(x) for x in re.findall(r"\d+", huggingface_hub.__version__)[:2])
     tool = "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
-    places = [subfolder.strip("/")] if subfolder else ["", "vae"]
-    files = [f"{p}/{f}" if p else f for p in places for f in (CONFIG, WEIGHTS)]
+    files = [f"{p}/{f}" if p else f for p in _places(subfolder) for f in (CONFIG, WEIGHTS)]
     rev = f" --revision {revision}" if revision else ""
     return f"{tool} {repo_id}{rev} --include " + " ".join(files)
 
@@ -109,6 +108,12 @@ def _fetch(repo_id: str, filename: str, revision: str | None, local_only: bool) 
         return None
 
 
+def _places(subfolder: str | None) -> list[str]:
+    """Where in the repo a VAE is looked for: the given subfolder, else the root, then ``vae/``
+    (a pipeline repo)."""
+    return [subfolder.strip("/")] if subfolder else ["", "vae"]
+
+
 def _is_vae_config(path: Path) -> bool:
     try:
         return json.loads(path.read_text()).get("_class_name", "AutoencoderKL") == "AutoencoderKL"
@@ -119,8 +124,7 @@ def _is_vae_config(path: Path) -> bool:
 def _find(repo_id: str, subfolder: str | None, revision: str | None, local_only: bool) -> Path | None:
     """The local folder holding the VAE's config and weights; None when (with
     ``local_only``) the cache does not hold them at ``revision``."""
-    places = [subfolder.strip("/")] if subfolder else ["", "vae"]
-    for place in places:
+    for place in _places(subfolder):
         prefix = f"{place}/" if place else ""
         config = _fetch(repo_id, prefix + CONFIG, revision, local_only)
         if config is None or (not subfolder and not place and not _is_vae_config(config)):
