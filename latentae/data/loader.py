@@ -264,6 +264,7 @@ def build_train_loader(
     resume_states: list[dict] | None = None,
     state: dict | None = None,
     file_list: FileList | str | Path | None = None,
+    shard_urls: list[str] | None = None,
 ) -> TrainLoader:
     """The training loader for ``cfg.path`` (see :class:`TrainLoader`).
 
@@ -271,7 +272,8 @@ def build_train_loader(
     layout is the same, elastic otherwise: see the module docstring). ``state``: this
     rank's own saved state, exact resume only. ``file_list`` (folders): a stored
     :class:`FileList` (or its path) shared by all ranks; without it the folder is
-    listed here.
+    listed here. ``shard_urls`` (shards): ``expand_shards(cfg.path)`` when the caller
+    has it already (not expanded and checked again).
 
     Checks at start-up, with messages naming the problem: missing path / shards, no
     images, fewer images than ranks, crop larger than every image (small_images=skip),
@@ -285,7 +287,7 @@ def build_train_loader(
         raise ValueError("pass either state= (this rank's) or resume_states= (every rank's), not both")
     check_path(cfg.path)
     if is_shard_source(cfg.path):
-        return _shard_loader(cfg, batch_size, seed, rank, world_size, resume_states, state)
+        return _shard_loader(cfg, batch_size, seed, rank, world_size, resume_states, state, shard_urls)
     files = open_file_list(cfg.path, file_list)
     held = held_out(len(files), cfg)
     dataset = FolderDataset(files, cfg.path, cfg, seed, held)
@@ -307,8 +309,9 @@ def build_train_loader(
 
 
 def _shard_loader(cfg: DataConfig, batch_size: int, seed: int, rank: int, world_size: int,
-                  resume_states: list[dict] | None, state: dict | None) -> TrainLoader:  # fmt: skip
-    urls = [str(u) for u in expand_shards(cfg.path)]
+                  resume_states: list[dict] | None, state: dict | None,
+                  urls: list[str] | None) -> TrainLoader:  # fmt: skip
+    urls = [str(u) for u in (expand_shards(cfg.path) if urls is None else urls)]
     held = shard_holdout(urls, cfg)
     held_sources = {h.source for h in held}
     # Read the first image(s), stopping there: proves the shards hold images at all,

@@ -19,12 +19,14 @@ from latentae.sources import check_path, expand_shards, is_shard_source, iter_so
 log = logging.getLogger(__name__)
 
 
-def build_val_images(cfg: DataConfig, n: int, *, file_list: FileList | str | Path | None = None) -> torch.Tensor:
+def build_val_images(cfg: DataConfig, n: int, *, file_list: FileList | str | Path | None = None,
+                     shard_urls: list[str] | None = None) -> torch.Tensor:
     """``n`` fixed validation images, centre-cropped: [n, 3, R, R] in [-1, 1].
 
     From ``cfg.val_path`` (n evenly spread images of a folder, or the first n of a
     shard set) or, without it, from the images held out of ``cfg.path`` (which the
-    training loader never uses; ``file_list`` is ``cfg.path``'s stored list, if any).
+    training loader never uses; ``file_list`` is ``cfg.path``'s stored list, if any, and
+    ``shard_urls`` its expanded shard list).
     Bad images are skipped with a warning, so fewer than ``n`` may come back
     (warned); none at all is an error.
     """
@@ -39,7 +41,8 @@ def build_val_images(cfg: DataConfig, n: int, *, file_list: FileList | str | Pat
     candidates: list[tuple[bytes | Path, str]] = []
     if is_shard_source(src):
         if cfg.val_path is None:
-            candidates = [(s.data, s.source) for s in shard_holdout(expand_shards(src), cfg)]
+            urls = expand_shards(src) if shard_urls is None else shard_urls
+            candidates = [(s.data, s.source) for s in shard_holdout(urls, cfg)]
         else:
             for s in iter_source(src):
                 candidates.append((s.data, s.source))

@@ -124,7 +124,7 @@ class Trainer:
             ))  # fmt: skip
         start_path = Path(checkpoint["path"]) if checkpoint["path"] else None
         self.start = open_start(start_path, cfg, rank=self.rank, world_size=self.world) if start_path else None
-        self.parts: Parts = set_up(cfg, acc, self.start, file_list=data.file_list)
+        self.parts: Parts = set_up(cfg, acc, self.start, file_list=data.file_list, shard_urls=data.shard_urls)
         self.step = self.start.step if self.start else 0
         self.stop_agreed = False  # some rank asked to stop, and every rank knows it at this point
         self.skipped_total = int(self.start.manifest.get("skipped_samples", 0)) if self.start else 0

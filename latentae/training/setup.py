@@ -80,15 +80,16 @@ FILE_LIST = Path("data") / "files.bin"  # in the run folder
 @dataclass
 class SharedData:
     file_list: FileList | None  # an image folder's list (None for shards)
+    shard_urls: list[str] | None  # the expanded shard list (None for a folder)
     digest: str  # what identifies the data: the file list's or the shard URLs' SHA-256
     problem: str | None  # why this rank's data differs from rank 0's (None: it does not)
 
 
-def _rank0_data(cfg: DataConfig, output_dir: Path) -> tuple[FileList | None, dict]:
+def _rank0_data(cfg: DataConfig, output_dir: Path) -> tuple[FileList | list[str], dict]:
     check_path(cfg.path)
     if is_shard_source(cfg.path):
         urls = expand_shards(cfg.path)
-        return None, {"digest": shard_digest(urls), "count": len(urls)}
+        return urls, {"digest": shard_digest(urls), "count": len(urls)}
     path = Path(os.path.abspath(output_dir / FILE_LIST))
     before = path.stat().st_mtime_ns if path.is_file() else None
     t0 = time.monotonic()
@@ -112,34 +113,42 @@ def share_data(cfg: DataConfig, output_dir: Path, ranks: Ranks) -> SharedData:
     digest differs from rank 0's gets a ``problem`` for the start-up check. A problem
     on rank 0 (missing path, no images) is raised on every rank.
     """
-    files, view = None, None
+    listing, view = None, None  # a FileList (folder) or the shard URLs
     if ranks.rank == 0:
         try:
-            files, view = _rank0_data(cfg, output_dir)
+            listing, view = _rank0_data(cfg, output_dir)
         except (OSError, ValueError) as e:
             view = {"error": f"data: {e}"}
     view = ranks.share("data", view)
     if "error" in view:
         raise on_every_rank(StartupError(view["error"]))
     if ranks.rank == 0:
-        return SharedData(files, view["digest"], None)
+        return _shared(listing, view["digest"], None)
     problem, digest = None, None
     try:
         if "file_list" in view:
-            files = FileList.open(view["file_list"])
-            digest = files.digest
+            listing = FileList.open(view["file_list"])
+            digest = listing.digest
         else:
-            digest = shard_digest(expand_shards(cfg.path))
+            listing = expand_shards(cfg.path)
+            digest = shard_digest(listing)
     except (OSError, ValueError) as e:
         problem = f"cannot read the data rank 0 uses: {e}"
     if problem is None and digest != view["digest"]:
         what = f"the file list {view['file_list']}" if "file_list" in view else f"the shards of {cfg.path}"
         problem = (f"sees other data than rank 0: {what} has digest {digest[:12]} here, {view['digest'][:12]} on "
                    "rank 0 (a stale or node-local copy?)")  # fmt: skip
-    return SharedData(files, view["digest"], problem)
+    return _shared(listing, view["digest"], problem)
 
 
-def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list: FileList | None = None) -> Parts:
+def _shared(listing: FileList | list[str] | None, digest: str, problem: str | None) -> SharedData:
+    if isinstance(listing, FileList):
+        return SharedData(listing, None, digest, problem)
+    return SharedData(None, listing, digest, problem)
+
+
+def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list: FileList | None = None,
+           shard_urls: list[str] | None = None) -> Parts:
     """Build data, models, loss, optimizers, scalers and EMA; restore ``start``; wrap; compile.
 
     ``file_list``: the image folder's list from ``share_data`` (None: the loader lists
@@ -163,14 +172,14 @@ def set_up(cfg: Config, acc: Accelerator, start: StartPoint | None, *, file_list
     try:
         loader = build_train_loader(
             cfg.data, tc.batch_size, seed=tc.seed, rank=rank, world_size=world,
-            resume_states=start.loader_states if start else None, file_list=file_list,
+            resume_states=start.loader_states if start else None, file_list=file_list, shard_urls=shard_urls,
         )  # fmt: skip
     except (OSError, ValueError) as e:
         raise StartupError(f"data: {e}") from e
     val_images = None
     if acc.is_main_process and tc.num_val_images > 0:
         try:
-            val_images = build_val_images(cfg.data, tc.num_val_images, file_list=file_list)
+            val_images = build_val_images(cfg.data, tc.num_val_images, file_list=file_list, shard_urls=shard_urls)
         except (OSError, ValueError) as e:
             raise StartupError(f"validation images: {e} (or set train.num_val_images=0)") from e
 
