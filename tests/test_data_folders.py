@@ -8,7 +8,6 @@ import os
 import pickle
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -97,58 +96,24 @@ def test_file_list_structure_is_compact_at_100k(tmp_path):
     assert FileList.open(tmp_path / "l.bin")[n - 1] == fl[n - 1]
 
 
-MEMORY_SCRIPT = textwrap.dedent(
-    """
-    import gc, json, os, sys
-    from latentae.data import DataConfig, FileList, build_train_loader
-
-    def mem():
-        fields = dict(line.split(":", 1) for line in open("/proc/self/smaps_rollup").read().splitlines()[1:])
-        return {k: int(fields[k].split()[0]) * 1024 for k in ("Rss", "Private_Dirty")}
-
-    n, folder, path = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-    FileList.from_paths((f"train/n{i % 1000:08d}/n{i % 1000:08d}_{i}.JPEG" for i in range(n)), folder).save(path)
-    # Warm-up on a small list: code pages and allocator arenas are not the list's cost.
-    FileList.from_paths((f"w/{i}.jpg" for i in range(1000)), folder).save(path + ".w")
-    warm = build_train_loader(DataConfig(path=folder, num_val=4, num_workers=2), 8, seed=0, file_list=path + ".w")
-    sum(len(warm.dataset.relpath(int(i))) for i in warm._make_loader().batch_sampler.epoch_indices(0))
-    gc.collect()
-    base = mem()
-    cfg = DataConfig(path=folder, num_val=4, num_workers=2)
-    loader = build_train_loader(cfg, 8, seed=0, world_size=1, file_list=path)
-    ds, sampler = loader.dataset, loader._make_loader().batch_sampler
-    order = sampler.epoch_indices(0)  # held while measuring: 8 bytes per file
-    touched = sum(len(ds.relpath(int(i))) for i in order)  # every path, in epoch order
-    main = mem()
-    r, w = os.pipe()
-    if os.fork() == 0:  # a forked worker going over every path again
-        before = mem()
-        sum(len(ds.relpath(i)) for i in range(len(ds)))
-        after = mem()
-        os.write(w, json.dumps({k: after[k] - before[k] for k in after}).encode())
-        os._exit(0)
-    os.wait()
-    child = json.loads(os.read(r, 1 << 16))
-    print(json.dumps({"main_rss": (main["Rss"] - base["Rss"]) / n, "child_rss": child["Rss"] / n,
-                      "child_private": child["Private_Dirty"] / n}))
-    """
-)
-
-
 @pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="needs Linux /proc smaps_rollup")
 def test_loader_memory_per_file_with_a_stored_list(tmp_path):
     """Measured RSS: the loader's main process after touching every path of an epoch, and
     what a forked worker copies (its private dirty pages) when it goes over them all."""
-    folder = tmp_path / "f"
+    from latentae.bench.data import MEMORY, synthetic  # the benchmark's own measurement
+
+    folder, n = tmp_path / "f", 100_000
     folder.mkdir()
+    FileList.from_paths(synthetic(n), folder).save(tmp_path / "l.bin")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, "100000", str(folder), str(tmp_path / "l.bin")],
+    out = subprocess.run([sys.executable, "-c", MEMORY, str(n), str(folder), str(tmp_path / "l.bin")],
                          capture_output=True, text=True, env=env, timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"\nbytes per file: loader process RSS {m['main_rss']:.1f}; forked worker RSS +{m['child_rss']:.1f} "
-          f"(of which private {m['child_private']:.1f})")  # fmt: skip
-    assert m["main_rss"] <= 100 and m["child_rss"] <= 100 and m["child_private"] <= 10
+    main, child = m["main"], m["child"]
+    print(f"\nbytes per file: loader process RSS {main['Rss']:.1f}; forked worker RSS +{child['Rss']:.1f} "
+          f"(of which private {child['Private_Dirty']:.1f})")  # fmt: skip
+    assert main["Rss"] <= 100 and child["Rss"] <= 100 and child["Private_Dirty"] <= 10
 
 
 def test_loader_with_a_stored_file_list(tmp_path):
