@@ -15,7 +15,7 @@ from typing import Sequence
 
 import yaml
 
-from latentae.config import CONFIG_DIR, apply_overrides, config_path, from_dict, packaged_configs, read_yaml, to_dict
+from latentae.config import apply_overrides, config_path, from_dict, read_yaml, to_dict
 from latentae.data import DataConfig
 from latentae.discriminator import DiscriminatorConfig
 from latentae.losses import LossConfig
@@ -44,4 +44,4 @@ def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-__all__ = ["CONFIG_DIR", "Config", "config_path", "dump_config", "load_config", "packaged_configs"]
+__all__ = ["Config", "dump_config", "load_config"]
