@@ -84,7 +84,9 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     if x.dtype != torch.float32:
         x = x.float()
-    cl = x.stride(1) == 1 and x.shape[1] > 1
+    # The CPU kernel takes channels-last as it is; the CUDA kernel only takes NCHW-contiguous
+    # input (it raises otherwise: found by tools/gpu_check.py on an H200).
+    cl = x.device.type == "cpu" and x.stride(1) == 1 and x.shape[1] > 1
     x = x.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)  # no-op if already
     n, c, h, w = x.shape
     _, mean, rstd = torch.ops.aten.native_group_norm(x, None, None, n, c, h * w, c, 0.0)
