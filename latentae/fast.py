@@ -12,10 +12,12 @@ them.
 What the fast path does differently (every item is exact up to float rounding,
 checked against the plain modules in ``tests/test_fast.py``):
 
-* channels-last activations: oneDNN's convolutions run 10-25 % faster in NHWC
-  at 128/256 channels, and the attention tokens become a free view. (oneDNN's
-  NHWC fp32 kernels round ~5x more than its NCHW ones - still ~2e-6 relative per
-  conv; ``channels_last_max_width`` keeps wide tensors NCHW if that matters.)
+* channels-last activations, on CPU (``use_channels_last``): oneDNN's convolutions run
+  10-25 % faster in NHWC at 128/256 channels, and the attention tokens become a free
+  view. (oneDNN's NHWC fp32 kernels round ~5x more than its NCHW ones - still ~2e-6
+  relative per conv; ``channels_last_max_width`` keeps wide tensors NCHW if that
+  matters.) Not on CUDA by default: on an H200 (SD-size f8c4, 1024 px) NHWC made
+  the fast path 0.73-0.79x of diffusers' speed in fp32/bf16/fp16, NCHW 1.00-1.04x.
 * 3x3 convs with >= 256 channels in and out: Winograd F(2x2, 3x3) on CPU fp32
   (``latentae.winograd``), with the bias and the residual add folded in;
 * nearest-2x upsample + 3x3 conv computed as four 2x2 convs at the *low*
@@ -59,10 +61,15 @@ from latentae.ops import VAEOps, _Cache, subpixel_kernels
 from latentae.precision import HALF, cuda_capability, dtype_name, parse_dtype, resolve_compute_dtype
 
 
+def use_channels_last(requested: bool | None, device_type: str) -> bool:
+    """NHWC activations? ``requested`` when given, else on CPU only (see the module docstring)."""
+    return requested if requested is not None else device_type == "cpu"
+
+
 @dataclass(frozen=True)
 class FastConfig:
-    # NHWC activations (exact; faster convs on CPU oneDNN and on GPU tensor cores).
-    channels_last: bool = True
+    # NHWC activations (exact). None: on CPU only, see use_channels_last; True/False: everywhere.
+    channels_last: bool | None = None
     # Only tensors at most this wide go NHWC (None: all); see the module docstring.
     channels_last_max_width: int | None = None
     # Nearest-2x upsample + 3x3 conv as four 2x2 convs + pixel interleave (exact).
@@ -189,11 +196,11 @@ class InferenceEngine:
         }
 
     # -- running -------------------------------------------------------------
-    def ops(self, dtype: torch.dtype, cached: bool = True) -> VAEOps:
+    def ops(self, dtype: torch.dtype, device_type: str, cached: bool = True) -> VAEOps:
         c = self.config
         return VAEOps(
             dtype=dtype,
-            channels_last=c.channels_last,
+            channels_last=use_channels_last(c.channels_last, device_type),
             channels_last_max_width=c.channels_last_max_width,
             subpixel_upsample=c.subpixel_upsample,
             winograd_min_channels=c.winograd_min_channels,
@@ -204,16 +211,16 @@ class InferenceEngine:
         """One pass, each stage in its dtype (eager, or compiled per dtype plan)."""
         backend = self.config.compile_backend
         if backend is None:
-            return self._runner(stages, dtypes, cached=True)(vae, x)
-        key = (what, dtypes)
+            return self._runner(stages, dtypes, x.device.type, cached=True)(vae, x)
+        key = (what, dtypes, x.device.type)
         if key not in self._compiled:  # compiled code derives its weights inline: no cache
-            forward = self._runner(stages, dtypes, cached=False)
+            forward = self._runner(stages, dtypes, x.device.type, cached=False)
             self._compiled[key] = torch.compile(forward, backend=backend, dynamic=False)
         return self._compiled[key](vae, x)
 
-    def _runner(self, stages: list[Stage], dtypes: tuple, cached: bool) -> Callable:
+    def _runner(self, stages: list[Stage], dtypes: tuple, device_type: str, cached: bool) -> Callable:
         """``forward(vae, x)``: the stages in turn, each in its dtype (the ops built here, outside any compile)."""
-        ops = {dt: self.ops(dt, cached) for dt in set(dtypes)}
+        ops = {dt: self.ops(dt, device_type, cached) for dt in set(dtypes)}
 
         def forward(vae_: AutoencoderKL, x_: torch.Tensor) -> torch.Tensor:
             for (_, fn), dt in zip(stages, dtypes):
@@ -229,12 +236,12 @@ class InferenceEngine:
         new = []
         for name, fn in stages:
             dt = self.stage_dtype(dtype, name)
-            o = self.ops(dt)
+            o = self.ops(dt, x.device.type)
             y = fn(o, vae, o.layout(x))
             if not _finite(y):
                 if dt == torch.float32:
                     return y
-                o32 = self.ops(torch.float32)
+                o32 = self.ops(torch.float32, x.device.type)
                 y = fn(o32, vae, o32.layout(x))
                 if not _finite(y):
                     return y
@@ -300,4 +307,5 @@ __all__ = [
     "encoder_stages",
     "optimize_for_inference",
     "subpixel_kernels",
+    "use_channels_last",
 ]

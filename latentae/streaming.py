@@ -124,11 +124,11 @@ class Streamer:
         intact, so a non-finite output can be recomputed in float32 (and the stage remembered)."""
         dt = self.engine.stage_dtype(self.dtype, stage)
         guard = dt in HALF and self.engine.config.retry_fp32_on_nonfinite
-        out = run(self.engine.ops(dt), not guard)
+        out = run(self.engine.ops(dt, self.store.device.type), not guard)
         if guard and not out.moments.finite():
             out.free()
             self.recomputed = True
-            out = run(self.engine.ops(torch.float32), True)
+            out = run(self.engine.ops(torch.float32, self.store.device.type), True)
             if out.moments.finite():  # else the input was bad: nothing to learn about the stage
                 self.engine.mark_upcast(self.dtype, [stage], f"tiled {self.what}")
         return out

@@ -321,7 +321,7 @@ def test_compile_true_runs_inductor_with_equal_outputs():
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, ref = fast.decode(z), plain.decode(z)
-    assert ("decode", (torch.float32,) * 4) in fast.inference._compiled  # it did compile
+    assert ("decode", (torch.float32,) * 4, "cpu") in fast.inference._compiled  # it did compile (per device type)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
@@ -365,3 +365,15 @@ def test_peak_rss_sees_torch_allocations(mode):
     assert r["quiet"] < 100e6, r  # and the freed memory is not counted against the next block
     if mode == "fallback":
         assert r["exact"] is False
+
+
+def test_channels_last_is_a_cpu_default_and_a_choice_elsewhere():
+    """The layout decision is a plain function of the request and the device type: NHWC on
+    CPU (oneDNN), NCHW on CUDA (measured slower there), an explicit choice wins everywhere."""
+    from latentae.fast import InferenceEngine, use_channels_last
+
+    assert use_channels_last(None, "cpu") and not use_channels_last(None, "cuda")
+    assert use_channels_last(True, "cuda") and not use_channels_last(False, "cpu")
+    auto, forced = InferenceEngine(FastConfig()), InferenceEngine(FastConfig(channels_last=True))
+    assert auto.ops(torch.float32, "cpu").channels_last and not auto.ops(torch.float32, "cuda").channels_last
+    assert forced.ops(torch.bfloat16, "cuda").channels_last

@@ -22,7 +22,8 @@ f8c4 with the 1x1 quant convs, f8c16 without), operation, size and batch it prin
 Variants (each timed round-robin against diffusers fp32 eager, and the half-precision ones
 also against diffusers eager in the same dtype): --bf16 / --fp16 (ours computing in that
 dtype from fp32 weights), --compile (ours under torch.compile, --compile-dtype), and
---channels-last-ab (ours without channels-last). Every row records the dtype that
+--channels-last-ab (ours in the other memory layout than the device default: NCHW on CPU,
+NHWC on CUDA). Every row records the dtype that
 actually ran (latentae.precision.precision_record), including parts moved to fp32 after
 an fp16 overflow.
 Weights are random (PyTorch default init, same as diffusers), seeded.
@@ -43,7 +44,7 @@ from latentae.bench import child_env
 from latentae.cli.common import Parser
 
 from latentae.benchmarking import PeakRSS, conv_flops, conv_peak_gflops, interleaved_medians
-from latentae.fast import FastConfig, optimize_for_inference
+from latentae.fast import FastConfig, optimize_for_inference, use_channels_last
 from latentae.io import diffusers_config
 from latentae.model import ModelConfig, build_vae
 from latentae.precision import DTYPES, precision_record
@@ -110,7 +111,7 @@ def _call(model, op: str, x: torch.Tensor, impl: str) -> torch.Tensor:
 
 def fast_config(args, **over) -> FastConfig:
     kw = dict(
-        channels_last=not args.no_channels_last,
+        channels_last=False if args.no_channels_last else None,  # None: the library's device default
         channels_last_max_width=args.channels_last_max_width,
         subpixel_upsample=not args.no_subpixel,
         compute_dtype=None if args.compute_dtype == "model" else args.compute_dtype,
@@ -185,8 +186,9 @@ def variant_models(args, arch: str, d, dev) -> dict:
         dt = None if args.compile_dtype == "float32" else args.compile_dtype
         out["ours-compiled"] = (ours(compute_dtype=dt, compile_backend=args.compile_backend),
                                 diffusers_in(DTYPES[args.compile_dtype]) if dt else None)
-    if args.channels_last_ab:
-        out["ours-nchw"] = (ours(channels_last=False), None)
+    if args.channels_last_ab:  # the other memory layout than this device's default
+        nhwc = not use_channels_last(None, dev.type)
+        out["ours-nhwc" if nhwc else "ours-nchw"] = (ours(channels_last=nhwc), None)
     return out
 
 
@@ -232,7 +234,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--compile", action="store_true", help="also time ours under torch.compile")
     p.add_argument("--compile-dtype", default="float32", choices=list(DTYPES), help="compute dtype of --compile")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' for smoke runs)")
-    p.add_argument("--channels-last-ab", action="store_true", help="also time ours without channels-last")
+    p.add_argument("--channels-last-ab", action="store_true",
+                   help="also time ours in the other memory layout (CPU default NHWC, CUDA default NCHW)")
     p.add_argument("--no-channels-last", action="store_true", help="fast path without NHWC (for A/B)")
     p.add_argument("--channels-last-max-width", type=int, default=None, help="NHWC only up to this width")
     p.add_argument("--no-subpixel", action="store_true", help="fast path without the sub-pixel upsampler")
